@@ -1,0 +1,59 @@
+"""Shared fixtures: the repository root, the examples, a valid LoRAFineTune body."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """base with patch merged in (JSON merge patch: None deletes a key)."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quickstart_body() -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    return body
+
+
+@pytest.fixture
+def make_body(quickstart_body: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A quickstart body with a merge patch applied (under the whole object)."""
+
+    def make(patch: dict[str, Any]) -> dict[str, Any]:
+        return deep_merge(quickstart_body, patch)
+
+    return make
+
+
+# In CI a skipped test is a failure: a test skipped for a missing tool proves nothing.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI") and _skipped and exitstatus == 0:
+        print(f"\nCI: {len(_skipped)} test(s) skipped; a skip is a failure in CI: {_skipped}")
+        session.exitstatus = 1
