@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from pydantic.types import JsonDict
+from pydantic.config import JsonDict
 
 from lora_operator.api.base import ApiModel, cel, cel_rules
 
