@@ -1,0 +1,56 @@
+"""`lora-train`: the program every training pod runs.
+
+lora-train --spec SPEC [--output DIR]        train (one rank; torchrun starts several)
+lora-train launch [LAUNCH OPTIONS] -- ARGS   the pods' entrypoint (torchrun / deepspeed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-train",
+        description="LoRA fine-tuning from a LoRAFineTune spec. "
+        "`lora-train launch --help` for the multi-process entrypoint.",
+    )
+    parser.add_argument("--spec", type=Path, required=True, help="LoRAFineTune manifest or spec")
+    parser.add_argument("--output", type=Path, help="output directory (default: spec.output.uri)")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        from lora_trainer.launch import main as launch_main
+
+        return launch_main(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from lora_trainer.config import SpecError, load_spec, resolve_uri
+    from lora_trainer.data import DataError
+
+    try:
+        _, spec = load_spec(args.spec)
+        output = args.output or resolve_uri(spec.output.uri)
+        from lora_trainer.train import run
+
+        result = run(spec, output)
+    except (SpecError, DataError) as err:
+        print(f"lora-train: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    return result.exit_code
+
+
+def entrypoint() -> None:
+    sys.exit(main())

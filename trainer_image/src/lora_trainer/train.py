@@ -1,0 +1,288 @@
+"""The training run: spec -> data -> model + LoRA -> HF Trainer -> adapter, trace, summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from lora_operator.api.spec import LoRAFineTuneSpec
+from lora_trainer.config import OutputLayout, resolve_uri
+from lora_trainer.data import Collator, check_stats, load_dataset, prepare_tokenizer
+from lora_trainer.deepspeed_config import build_deepspeed_config
+from lora_trainer.evaluate import generation_metrics
+from lora_trainer.model import apply_lora, load_base_model, load_tokenizer
+from lora_trainer.trace import TraceWriter
+
+log = logging.getLogger(__name__)
+EXIT_SIGTERM = 128 + signal.SIGTERM
+# HF log keys -> trace.jsonl fields (docs/trace-schema.md).
+TRACE_FIELDS = {
+    "learning_rate": "lr",
+    "grad_norm": "grad_norm",
+    "loss": "loss",
+    "eval_loss": "eval_loss",
+    "eval_bleu": "eval_bleu",
+    "eval_rougeL": "eval_rougeL",
+}
+
+
+@dataclass
+class RunResult:
+    """What a finished (or interrupted) run reports."""
+
+    summary: dict[str, Any]
+    interrupted: bool = False
+    exit_code: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stop:
+    """Set by SIGTERM; the callback checkpoints and stops at the next step boundary."""
+
+    requested = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %d: checkpointing at the end of this step, then stopping", signum)
+        cls.requested = True
+
+
+class TraceCallback(TrainerCallback):
+    """Writes a trace.jsonl record per log event (rank 0) and stops cleanly on SIGTERM."""
+
+    def __init__(self, writer: TraceWriter | None) -> None:
+        self.writer = writer
+        self._step_start = 0.0
+        self.step_time = 0.0
+
+    def on_step_begin(
+        self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._step_start = time.monotonic()
+
+    def on_step_end(
+        self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.step_time = time.monotonic() - self._step_start
+        if _Stop.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(
+        self,
+        args: Any,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.writer is None or not state.is_world_process_zero or not logs:
+            return
+        record: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
+        record |= {TRACE_FIELDS[k]: v for k, v in logs.items() if k in TRACE_FIELDS}
+        if len(record) == 2:
+            return  # e.g. the end-of-training summary log: nothing per-step in it
+        if "loss" in record:
+            record["tokens"] = int(state.num_input_tokens_seen)
+            record["step_time"] = self.step_time
+        self.writer.write(record)
+
+
+class LoRATrainer(Trainer):
+    """HF Trainer whose evaluation adds BLEU and ROUGE-L of generated replies.
+
+    The generation metrics join the eval-loss log record, so trace.jsonl has one eval
+    record per evaluation; a final evaluate() at a step already evaluated is not repeated.
+    """
+
+    def __init__(self, *args: Any, generation: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.generation = generation
+        self._pending: dict[str, float] = {}
+        self.history: dict[int, dict[str, float]] = {}  # step -> eval metrics
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if self.state.global_step in self.history:
+            return self.history[self.state.global_step]
+        if self.generation and self.generation["metrics"]:
+            gen = generation_metrics(
+                self.model,
+                self.processing_class,
+                self.generation["conversations"],
+                self.generation["max_samples"],
+                self.generation["max_new_tokens"],
+            )
+            self._pending = {
+                f"eval_{k}": v for k, v in gen.items() if k in self.generation["metrics"]
+            }
+        metrics: dict[str, float] = super().evaluate(*args, **kwargs)
+        metrics.update(self._pending)
+        self._pending = {}
+        self.history[self.state.global_step] = metrics
+        return metrics
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._pending and "eval_loss" in logs:
+            logs = {**logs, **self._pending}
+        super().log(logs, *args, **kwargs)
+
+
+def training_arguments(
+    spec: LoRAFineTuneSpec, layout: OutputLayout, has_eval: bool, resuming: bool
+) -> TrainingArguments:
+    t = spec.training
+    warmup: float = float(t.warmup.steps) if t.warmup.steps is not None else (t.warmup.ratio or 0)
+    return TrainingArguments(
+        output_dir=str(layout.checkpoints),
+        learning_rate=t.learning_rate,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        num_train_epochs=t.epochs if t.epochs is not None else 1.0,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,  # type: ignore[arg-type]
+        warmup_steps=warmup,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        seed=t.seed,
+        use_cpu=spec.distributed.device == "cpu",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval.every_steps,
+        # the base model's metrics, evaluated inside the loop (DeepSpeed ZeRO-1/2 engines
+        # exist only there)
+        eval_on_start=has_eval and not resuming,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        # packed rows carry a 4D mask, which "non_padding" would count as L x L tokens
+        include_num_input_tokens_seen="all" if spec.dataset.packing else "non_padding",
+        deepspeed=build_deepspeed_config(spec),
+        ddp_backend="gloo" if spec.distributed.device == "cpu" and _world_size() > 1 else None,
+        dataloader_num_workers=0,
+    )
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def spec_hash(spec: LoRAFineTuneSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_wire(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
+    """Train as the spec says; resumable; returns the summary also written to summary.json."""
+    started = time.monotonic()
+    layout = OutputLayout(output)
+    if spec.distributed.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
+    set_seed(spec.training.seed)
+    tokenizer = load_tokenizer(spec.model)
+    grew = prepare_tokenizer(tokenizer, spec.dataset.chat_template)
+    data = load_dataset(spec.dataset, tokenizer, resolve_uri)
+    check_stats(data.stats)
+    base = load_base_model(spec.model, len(tokenizer) if grew else None)
+    model = apply_lora(base, spec.lora, spec.training.gradient_checkpointing)
+    has_eval = bool(data.eval)
+    resume = _latest_checkpoint(spec, layout)
+    args = training_arguments(spec, layout, has_eval, resume is not None)
+    writer = TraceWriter(layout.trace) if args.process_index == 0 else None
+    if args.process_index == 0:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout.data_stats.write_text(json.dumps(data.stats.to_dict(), indent=2))
+    trainer = LoRATrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval if has_eval else None,
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[TraceCallback(writer)],
+        generation=_generation_settings(spec, data.eval_conversations) if has_eval else None,
+    )
+    previous = signal.signal(signal.SIGTERM, _Stop.handler)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if _Stop.requested:
+        return RunResult({"interrupted_at_step": trainer.state.global_step}, True, EXIT_SIGTERM)
+    final = trainer.evaluate() if has_eval else {}
+    trainer.save_model(str(layout.adapter))
+    baseline = trainer.history.get(0, {}) if resume is None else {}
+    summary = _summary(spec, trainer, data.stats.to_dict(), baseline, final, started, resume)
+    if args.process_index == 0:
+        if grew:
+            tokenizer.save_pretrained(str(layout.adapter))
+        layout.summary.write_text(json.dumps(summary, indent=2))
+    if writer is not None:
+        writer.close()
+    return RunResult(summary)
+
+
+def _generation_settings(spec: LoRAFineTuneSpec, conversations: Any) -> dict[str, Any]:
+    e = spec.training.eval
+    return {
+        "metrics": [m for m in e.metrics if m != "loss"],
+        "conversations": conversations,
+        "max_samples": e.max_samples,
+        "max_new_tokens": e.max_new_tokens,
+    }
+
+
+def _latest_checkpoint(spec: LoRAFineTuneSpec, layout: OutputLayout) -> str | None:
+    if spec.output.resume == "never" or not layout.checkpoints.is_dir():
+        return None
+    last: str | None = get_last_checkpoint(str(layout.checkpoints))
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
+def _summary(
+    spec: LoRAFineTuneSpec,
+    trainer: Trainer,
+    stats: dict[str, Any],
+    baseline: dict[str, float],
+    final: dict[str, float],
+    started: float,
+    resumed_from: str | None,
+) -> dict[str, Any]:
+    return {
+        "spec_hash": spec_hash(spec),
+        "steps": trainer.state.global_step,
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "runtime_seconds": time.monotonic() - started,
+        "resumed_from": resumed_from,
+        "baseline": baseline,
+        "final": final,
+        "data": stats,
+        "adapter": str(Path(str(trainer.args.output_dir)).parent / "adapter"),
+        "torch": torch.__version__,
+    }
