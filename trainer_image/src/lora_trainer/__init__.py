@@ -1,0 +1,1 @@
+"""LoRA trainer that runs inside lora-operator's training pods."""
