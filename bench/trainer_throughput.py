@@ -30,10 +30,22 @@ from lora_trainer.model import apply_lora
 from lora_trainer.train import LoRATrainer, training_arguments
 
 SHAPES = {
-    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
-    "tiny-debug": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32000},
+    "llama2-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+    },
+    "tiny-debug": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
 }
 
 
@@ -47,17 +59,25 @@ def build_model(shape: str, seq: int) -> torch.nn.Module:
 
 
 def spec_for(seq: int, micro_batch: int, steps: int) -> LoRAFineTuneSpec:
-    return LoRAFineTuneSpec.model_validate({
-        "model": {"source": "file:///unused", "dtype": "bfloat16"},
-        "dataset": {"source": "file:///unused", "maxLength": seq},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
-        "training": {"learningRate": 2e-4, "maxSteps": steps, "microBatchSize": micro_batch,
-                     "gradientAccumulationSteps": 1, "warmup": {"steps": 0},
-                     "precision": "bf16", "checkpointEverySteps": 10**6,
-                     "eval": {"everySteps": 10**6}},
-        "distributed": {"gpusPerNode": 1},
-        "output": {"uri": "file:///tmp/bench-out"},
-    })
+    return LoRAFineTuneSpec.model_validate(
+        {
+            "model": {"source": "file:///unused", "dtype": "bfloat16"},
+            "dataset": {"source": "file:///unused", "maxLength": seq},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+            "training": {
+                "learningRate": 2e-4,
+                "maxSteps": steps,
+                "microBatchSize": micro_batch,
+                "gradientAccumulationSteps": 1,
+                "warmup": {"steps": 0},
+                "precision": "bf16",
+                "checkpointEverySteps": 10**6,
+                "eval": {"everySteps": 10**6},
+            },
+            "distributed": {"gpusPerNode": 1},
+            "output": {"uri": "file:///tmp/bench-out"},
+        }
+    )
 
 
 def batches(n: int, micro_batch: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -65,7 +85,9 @@ def batches(n: int, micro_batch: int, seq: int, vocab: int) -> list[dict[str, to
     out = []
     for _ in range(n):
         ids = torch.randint(0, vocab, (seq,), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+        out.append(
+            {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        )
     return out
 
 
@@ -94,8 +116,9 @@ def run_trainer(shape: str, seq: int, mb: int, warmup: int, steps: int, gc_on: b
     args.logging_steps = 1
     timer = StepTimer(warmup)
     data = batches((warmup + steps) * mb, mb, seq, SHAPES[shape]["vocab_size"])
-    trainer = LoRATrainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                          callbacks=[timer])
+    trainer = LoRATrainer(
+        model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[timer]
+    )
     trainer.train()
     return steps * mb * seq / (timer.t1 - timer.t0)
 
@@ -136,19 +159,30 @@ def main() -> None:
     import peft
     import transformers
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "peft": peft.__version__, "python": platform.python_version()}
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for repeat in range(a.repeats):
         for variant, fn in (("plain", run_plain), ("trainer", run_trainer)):
             torch.cuda.reset_peak_memory_stats()
             tps = fn(a.shape, a.seq, a.micro_batch, a.warmup, a.steps, a.gradient_checkpointing)
-            row = {"model": a.shape, "seq_len": a.seq, "micro_batch": a.micro_batch,
-                   "gradient_checkpointing": a.gradient_checkpointing, "variant": variant,
-                   "repeat": repeat, "tokens_per_s": round(tps, 1),
-                   "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   "gpu": torch.cuda.get_device_name(), "versions": versions,
-                   "command": " ".join(["python", *sys.argv])}
+            row = {
+                "model": a.shape,
+                "seq_len": a.seq,
+                "micro_batch": a.micro_batch,
+                "gradient_checkpointing": a.gradient_checkpointing,
+                "variant": variant,
+                "repeat": repeat,
+                "tokens_per_s": round(tps, 1),
+                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "gpu": torch.cuda.get_device_name(),
+                "versions": versions,
+                "command": " ".join(["python", *sys.argv]),
+            }
             print(json.dumps(row), flush=True)
             with a.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -29,8 +29,8 @@ def test_validate_examples_exit_zero_with_a_summary() -> None:
 
 def test_validate_bad_file_names_field_and_exits_one(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    text = (EXAMPLES / "quickstart.yaml").read_text().replace("r: 8", "r: 0")
-    text = text.replace("maxSteps: 120", "maxSteps: 120\n    epochs: 2")
+    text = (EXAMPLES / "quickstart.yaml").read_text().replace("    r: 16", "    r: 0")
+    text = text.replace("maxSteps: 200", "maxSteps: 200\n    epochs: 2")
     bad.write_text(text)
     proc = run("validate", str(bad))
     assert proc.returncode == 1

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -49,7 +51,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, DataError) as err:
         print(f"lora-train: {err}", file=sys.stderr)
         return EXIT_ERROR
+    if result.summary.get("final") and int(os.environ.get("RANK", "0")) == 0:
+        print(describe_gain(result.summary, output))
     return result.exit_code
+
+
+def describe_gain(summary: dict[str, Any], output: Path) -> str:
+    """One line a user reads at the end: what the adapter changed, where it is."""
+    base, final = summary.get("baseline", {}), summary["final"]
+    parts = []
+    for key, label, fmt in (
+        ("eval_loss", "eval loss", ".3f"),
+        ("eval_bleu", "BLEU", ".1f"),
+        ("eval_rougeL", "ROUGE-L", ".3f"),
+    ):
+        if key in final:
+            before = f"{base[key]:{fmt}} -> " if key in base else ""
+            parts.append(f"{label} {before}{final[key]:{fmt}}")
+    return (
+        f"lora-train: {summary['steps']} steps in {summary['runtime_seconds']:.0f}s; "
+        f"{', '.join(parts)}; adapter: {output / 'adapter'}"
+    )
 
 
 def entrypoint() -> None:
