@@ -43,9 +43,12 @@ tiny-model: setup
 	$(PY) -m lora_trainer.tiny --out $(TINY_DIR)
 
 demo: setup tiny-model
-	@echo "== lora-operator demo: validating the examples =="
+	@echo "== 1/2 validating the examples (what kubectl apply would check) =="
 	$(BIN)/lora-operator validate examples/*.yaml
-	@echo "== the CRD the cluster will serve: crds/ (kubectl apply -f crds/) =="
+	@echo "== 2/2 training examples/quickstart.yaml on CPU: the tiny model, about a minute =="
+	rm -rf /tmp/lora-operator/runs/quickstart
+	$(BIN)/lora-train --spec examples/quickstart.yaml
+	@echo "outputs: /tmp/lora-operator/runs/quickstart (trace.jsonl, data_stats.json, summary.json, adapter/)"
 
 lint: setup
 	$(BIN)/ruff check operator trainer_image tests bench

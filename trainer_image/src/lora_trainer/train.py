@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -105,6 +106,9 @@ class TraceCallback(TrainerCallback):
             record["tokens"] = int(state.num_input_tokens_seen)
             record["step_time"] = self.step_time
         self.writer.write(record)
+        if "eval_loss" in record or state.global_step % 10 == 0:
+            shown = {k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}
+            log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
 
 
 class LoRATrainer(Trainer):
@@ -116,6 +120,7 @@ class LoRATrainer(Trainer):
 
     def __init__(self, *args: Any, generation: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)  # TraceCallback logs compact progress instead
         self.generation = generation
         self._pending: dict[str, float] = {}
         self.history: dict[int, dict[str, float]] = {}  # step -> eval metrics
