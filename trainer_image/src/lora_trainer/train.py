@@ -14,6 +14,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+from peft.optimizers import create_loraplus_optimizer
 from transformers import (
     PrinterCallback,
     Trainer,
@@ -212,6 +213,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     grew = prepare_tokenizer(tokenizer, spec.dataset.chat_template)
     data = load_dataset(spec.dataset, tokenizer, resolve_uri)
     check_stats(data.stats)
+    log.info("data: %s", _brief(data.stats.to_dict()))
     base = load_base_model(spec.model, len(tokenizer) if grew else None)
     model = apply_lora(base, spec.lora, spec.training.gradient_checkpointing)
     has_eval = bool(data.eval)
@@ -230,6 +232,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
         processing_class=tokenizer,
         callbacks=[TraceCallback(writer)],
         generation=_generation_settings(spec, data.eval_conversations) if has_eval else None,
+        optimizers=(_loraplus_optimizer(spec, model), None),
     )
     previous = signal.signal(signal.SIGTERM, _Stop.handler)
     try:
@@ -249,6 +252,38 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     if writer is not None:
         writer.close()
     return RunResult(summary)
+
+
+def _brief(stats: dict[str, Any]) -> str:
+    keys = (
+        "samples",
+        "malformed",
+        "tokens",
+        "supervised_fraction",
+        "truncation_rate",
+        "samples_without_supervision",
+        "special_token_ratio",
+    )
+    return ", ".join(
+        f"{k}={stats[k]:.3g}" if isinstance(stats[k], float) else f"{k}={stats[k]}"
+        for k in keys
+        if k in stats
+    )
+
+
+def _loraplus_optimizer(spec: LoRAFineTuneSpec, model: Any) -> torch.optim.Optimizer | None:
+    """LoRA+ (lora_B learns ratio x faster than lora_A), or None for the Trainer's AdamW."""
+    ratio = spec.lora.lora_plus_lr_ratio
+    if ratio is None:
+        return None
+    optimizer: torch.optim.Optimizer = create_loraplus_optimizer(
+        model,
+        torch.optim.AdamW,
+        lr=spec.training.learning_rate,
+        loraplus_lr_ratio=ratio,
+        weight_decay=spec.training.weight_decay,
+    )
+    return optimizer
 
 
 def _generation_settings(spec: LoRAFineTuneSpec, conversations: Any) -> dict[str, Any]:
