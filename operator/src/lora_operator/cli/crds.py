@@ -9,6 +9,9 @@ from typing import Any
 
 from lora_operator.api import constants as c
 from lora_operator.api.crd import CRD_FILE, render_crd
+from lora_operator.api.reference import render_reference
+
+REFERENCE = Path("docs/api-reference.md")
 
 
 def register(commands: Any) -> None:
@@ -19,20 +22,23 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the files differ from the models"
     )
+    parser.add_argument(
+        "--reference", type=Path, default=REFERENCE, help="generated API reference (markdown)"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    path = args.dir / CRD_FILE
-    text = render_crd()
+    outputs = {args.dir / CRD_FILE: render_crd(), args.reference: render_reference()}
     if args.check:
-        current = path.read_text() if path.exists() else ""
-        if current != text:
+        stale = [p for p, text in outputs.items() if (p.read_text() if p.exists() else "") != text]
+        for path in stale:
             print(f"{path} is out of date with lora_operator.api: run `make crds`", file=sys.stderr)
-            return c.EXIT_ERROR
-        print(f"{path} is up to date")
-        return c.EXIT_OK
-    args.dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"wrote {path}")
+        if not stale:
+            print(f"{', '.join(map(str, outputs))}: up to date")
+        return c.EXIT_ERROR if stale else c.EXIT_OK
+    for path, text in outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
     return c.EXIT_OK
