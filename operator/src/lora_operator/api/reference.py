@@ -65,7 +65,7 @@ def _rows(node: dict[str, Any], path: str, required: set[str]) -> list[str]:
 
 def _rules(node: dict[str, Any], path: str) -> list[str]:
     out = [
-        f"- `{path}`: `{r['rule']}` — {r['message']}"
+        f"- `{path.lstrip('.') or '(the object)'}`: `{r['rule']}` — {r['message']}"
         for r in node.get("x-kubernetes-validations", [])
     ]
     for name, sub in node.get("properties", {}).items():
