@@ -32,6 +32,8 @@ from lora_trainer.data import Collator, check_stats, load_dataset, prepare_token
 from lora_trainer.deepspeed_config import build_deepspeed_config
 from lora_trainer.evaluate import generation_metrics
 from lora_trainer.model import apply_lora, load_base_model, load_tokenizer
+from lora_trainer.telemetry import TelemetryCollector
+from lora_trainer.telemetry.exporter import start_exporter
 from lora_trainer.trace import TraceWriter
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,11 @@ class _Stop:
 class TraceCallback(TrainerCallback):
     """Writes a trace.jsonl record per log event (rank 0) and stops cleanly on SIGTERM."""
 
-    def __init__(self, writer: TraceWriter | None) -> None:
+    def __init__(
+        self, writer: TraceWriter | None, telemetry: TelemetryCollector | None = None
+    ) -> None:
         self.writer = writer
+        self.telemetry = telemetry
         self._step_start = 0.0
         self.step_time = 0.0
 
@@ -106,6 +111,8 @@ class TraceCallback(TrainerCallback):
         if "loss" in record:
             record["tokens"] = int(state.num_input_tokens_seen)
             record["step_time"] = self.step_time
+            if self.telemetry is not None:
+                record |= self.telemetry.fields(state.global_step)
         self.writer.write(record)
         if "eval_loss" in record or state.global_step % 10 == 0:
             shown = {k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}
@@ -223,6 +230,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     if args.process_index == 0:
         layout.root.mkdir(parents=True, exist_ok=True)
         layout.data_stats.write_text(json.dumps(data.stats.to_dict(), indent=2))
+    telemetry = TelemetryCollector(spec.monitoring.interval_steps)
     trainer = LoRATrainer(
         model=model,
         args=args,
@@ -230,15 +238,18 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
         eval_dataset=data.eval if has_eval else None,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[TraceCallback(writer)],
+        callbacks=[telemetry, TraceCallback(writer, telemetry)],
         generation=_generation_settings(spec, data.eval_conversations) if has_eval else None,
         optimizers=(_loraplus_optimizer(spec, model), None),
     )
+    telemetry.attach(trainer)
+    exporter = start_exporter(spec.monitoring, telemetry)
     previous = signal.signal(signal.SIGTERM, _Stop.handler)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        exporter.close()
     if _Stop.requested:
         return RunResult({"interrupted_at_step": trainer.state.global_step}, True, EXIT_SIGTERM)
     final = trainer.evaluate() if has_eval else {}
