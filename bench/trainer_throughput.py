@@ -38,6 +38,14 @@ SHAPES = {
         "num_key_value_heads": 32,
         "vocab_size": 32000,
     },
+    "tinyllama-1.1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
     "tiny-debug": {
         "hidden_size": 256,
         "intermediate_size": 688,
