@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from lora_trainer.launch_env import (
     plan_from_env,
     redact,
 )
+from tests.conftest import free_port
 
 PROBE = """
 import os, signal, sys, time
@@ -326,13 +326,6 @@ def test_deepspeed_launcher_on_cpu_keeps_the_health_stop(
     result = launch(probe_env, tmp_path / "out", "health", "--launcher", "deepspeed")
     assert result.returncode == EXIT_HEALTH_STOP, result.stderr
     assert "deepspeed.launcher.runner --hostfile" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.slow

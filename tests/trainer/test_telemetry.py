@@ -28,7 +28,7 @@ from lora_trainer.telemetry.stats import (
     grad_part,
     parse_module_name,
 )
-from tests.conftest import EXAMPLES, deep_merge
+from tests.conftest import EXAMPLES, deep_merge, free_port
 
 _NAME = re.compile(r"layers\.(\d+)\..*\.(\w+)_proj\.lora_([AB])\.")
 _REL = 1e-4
@@ -372,22 +372,13 @@ def test_lora_collector_families(plain_run: Any, per_module: bool) -> None:
     _check_metrics(_families(text), per_module)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.training
 @pytest.mark.slow
 def test_metrics_endpoint_during_a_real_run(tmp_path: Path, tiny_assets: Any) -> None:
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     patch = {
         "training": {"maxSteps": 100},
         "monitoring": {"intervalSteps": 5, "port": port},
