@@ -52,3 +52,28 @@ def test_loraplus_gives_lora_b_a_larger_learning_rate(tiny_assets: Any) -> None:
     assert optimizer is not None
     lrs = {round(g["lr"], 10) for g in optimizer.param_groups if g["params"]}
     assert lrs == {1e-4, 16e-4}
+
+
+def test_dora_and_modules_to_save(tiny_assets: Any) -> None:
+    spec = LoRASpec(r=4, use_dora=True, modules_to_save=["lm_head"])
+    model = apply_lora(_model(tiny_assets), spec, False)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names)  # DoRA's magnitude
+    assert any("lm_head.modules_to_save" in n for n in names)  # trained in full
+
+
+def test_gradient_checkpointing_keeps_lora_gradients_flowing(tiny_assets: Any) -> None:
+    """The field report's silent failure mode: checkpointing without input grads."""
+    model = apply_lora(_model(tiny_assets), LoRASpec(r=4), gradient_checkpointing=True)
+    model.train()
+    ids = torch.randint(0, 500, (2, 32))
+    for _ in range(2):  # step 1 makes B non-zero, so A gets a gradient at step 2
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 1e-2 * p.grad
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None for g in grads.values())
+    assert all(torch.count_nonzero(g) > 0 for g in grads.values())
