@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -77,3 +78,18 @@ def test_gradient_checkpointing_keeps_lora_gradients_flowing(tiny_assets: Any) -
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     assert grads and all(g is not None for g in grads.values())
     assert all(torch.count_nonzero(g) > 0 for g in grads.values())
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path: Any) -> None:
+    from lora_trainer.train import latest_complete_checkpoint
+
+    assert latest_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((10, True), (20, True), (30, False)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(b"partial")
+        if complete:
+            (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-40").mkdir()
+    (tmp_path / "checkpoint-40" / "trainer_state.json").write_text('{"global_st')  # torn
+    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")

@@ -24,7 +24,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
 
 from lora_operator.api.spec import LoRAFineTuneSpec
 from lora_trainer.config import OutputLayout, resolve_uri
@@ -308,12 +308,31 @@ def _generation_settings(spec: LoRAFineTuneSpec, conversations: Any) -> dict[str
 
 
 def _latest_checkpoint(spec: LoRAFineTuneSpec, layout: OutputLayout) -> str | None:
-    if spec.output.resume == "never" or not layout.checkpoints.is_dir():
+    if spec.output.resume == "never":
         return None
-    last: str | None = get_last_checkpoint(str(layout.checkpoints))
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    return latest_complete_checkpoint(layout.checkpoints)
+
+
+def latest_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N whose save finished, or None.
+
+    HF writes a checkpoint in place, trainer_state.json last; a pod killed mid-save leaves
+    a directory without it, and resuming from that would fail on every restart.
+    """
+    found = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in folder.glob("checkpoint-*")
+        if p.is_dir() and p.name.split("-")[1].isdigit()
+    )
+    for _, path in reversed(found):
+        try:
+            json.loads((path / TRAINER_STATE_NAME).read_text())
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s (no valid %s)", path, TRAINER_STATE_NAME)
+            continue
+        log.info("resuming from %s", path)
+        return str(path)
+    return None
 
 
 def _summary(
