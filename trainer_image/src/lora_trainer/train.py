@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -56,7 +56,6 @@ class RunResult:
     summary: dict[str, Any]
     interrupted: bool = False
     exit_code: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Stop:
@@ -256,6 +255,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     trainer.save_model(str(layout.adapter))
     baseline = trainer.history.get(0, {}) if resume is None else {}
     summary = _summary(spec, trainer, data.stats.to_dict(), baseline, final, started, resume)
+    summary["adapter"] = str(layout.adapter)  # the directory save_model wrote above
     if args.process_index == 0:
         if grew:
             tokenizer.save_pretrained(str(layout.adapter))
@@ -353,6 +353,5 @@ def _summary(
         "baseline": baseline,
         "final": final,
         "data": stats,
-        "adapter": str(Path(str(trainer.args.output_dir)).parent / "adapter"),
         "torch": torch.__version__,
     }
