@@ -42,6 +42,13 @@ def test_flip_moves_transition_time_and_keeps_other_types() -> None:
     assert by_type["Running"]["status"] == "True" and len(conds) == 2
 
 
+def test_new_generation_updates_observed_generation_without_an_event() -> None:
+    conds, _ = set_condition([], c.COND_RUNNING, True, "Started", "", 1, T0)
+    conds, change = set_condition(conds, c.COND_RUNNING, True, "Started", "", 2, T1)
+    assert change is None
+    assert conds[0]["observedGeneration"] == 2 and conds[0]["lastTransitionTime"] == T0
+
+
 def test_unchanged_condition_returns_equal_list() -> None:
     conds, _ = set_condition([], c.COND_RUNNING, True, "Started", "", 1, T0)
     again, change = set_condition(conds, c.COND_RUNNING, True, "Started", "", 1, T1)

@@ -53,8 +53,8 @@ def set_condition(
     others = [dict(x) for x in conditions if x.get("type") != type_]
     changed = (
         transitioned
-        or current is None
-        or any(current.get(k) != entry.get(k) for k in ("reason", "message"))
+        or current is None  # (implied by transitioned; narrows the type)
+        or any(current.get(k) != entry.get(k) for k in ("reason", "message", "observedGeneration"))
     )
     report = ConditionChange(type_, status_text, reason, message) if transitioned else None
     return ([*others, entry] if changed else [dict(x) for x in conditions]), report
