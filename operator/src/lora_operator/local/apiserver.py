@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -48,6 +49,7 @@ class LoggedRequest:
     name: str | None = None
     subresource: str | None = None
     query: dict[str, str] = field(default_factory=dict)
+    user_agent: str = ""
 
 
 @dataclass
@@ -79,6 +81,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
     faults: list[Fault] = attrs.field(factory=list)
     bookmark_interval: float = 1.0
     api_url: str = ""
+    # (namespace, pod, container) -> the container's log file; set by the local pod runner
+    pod_logs: Callable[[str, str, str], Path] | None = None
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -139,6 +143,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
             if entry.verb == "watch":
                 drop = fault is not None and fault.drop_watch
                 return await self._watch(raw, route, drop)
+            if route.subresource == "log" and route.rtype.plural == "pods":
+                return self._pod_log(route, raw.query)
             code = 201 if entry.verb == "create" else 200
             return _json(self._resource(raw, route, entry.verb, body), code)
         except ApiError as exc:
@@ -176,7 +182,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
         name = parts[1] if len(parts) > 1 else None
         sub = parts[2] if len(parts) > 2 else None
         verb = _verb(raw.method, name, query)
-        entry = LoggedRequest(raw.method, raw.path, verb, rtype.plural, ns, name, sub, query)
+        agent = raw.headers.get("User-Agent", "")
+        entry = LoggedRequest(raw.method, raw.path, verb, rtype.plural, ns, name, sub, query, agent)
         return _Route(rtype, ns, name, sub), entry
 
     def _discovery(self, path: str) -> Obj:
@@ -269,6 +276,28 @@ class LocalApiServer(kmock.KubernetesEmulator):
         if "as=Table" not in raw.headers.get("Accept", ""):
             return None
         return to_table(rtype, items, str(self.store.rv))
+
+    def _pod_log(self, route: _Route, query: Any) -> aiohttp.web.Response:
+        """GET pods/NAME/log (container, tailLines); `follow` returns what is there now."""
+        assert route.name is not None
+        pod = self.store.get(route.rtype, route.namespace, route.name)
+        names = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = query.get("container") or (names[0] if len(names) == 1 else "")
+        if container not in names:
+            msg = f"a container name must be specified for pod {route.name}, choose one of: {names}"
+            raise ApiError(400, "BadRequest", msg)
+        log = (
+            self.pod_logs(pod["metadata"]["namespace"], route.name, container)
+            if self.pod_logs
+            else None
+        )
+        if log is None or not log.exists():
+            msg = f'container "{container}" in pod "{route.name}" is waiting to start'
+            raise ApiError(400, "BadRequest", msg)
+        lines = log.read_text(errors="replace").splitlines(keepends=True)
+        if query.get("tailLines"):
+            lines = lines[-int(query["tailLines"]) :] if int(query["tailLines"]) else []
+        return aiohttp.web.Response(text="".join(lines), content_type="text/plain")
 
     # --- watch -------------------------------------------------------------------------------
     async def _watch(

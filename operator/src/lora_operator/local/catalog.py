@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_operator.local.printers import PRINTERS
+
 CRD_GROUP = "apiextensions.k8s.io"
 
 
@@ -214,10 +216,19 @@ def _columns(rtype: ResourceType) -> list[dict[str, Any]]:
 def to_table(rtype: ResourceType, items: list[dict[str, Any]], rv: str) -> dict[str, Any]:
     """A meta.k8s.io/v1 Table of items using the CRD's additionalPrinterColumns."""
     cols = _columns(rtype)
+    printer = None if rtype.custom else PRINTERS.get((rtype.group, rtype.plural))
+    if printer is not None:  # built-in kinds: kube-apiserver's own printers, simplified
+        extra = printer[0]
+        cols = cols[:1] + [c for c in extra if not c["priority"]] + cols[1:]
+        cols += [c for c in extra if c["priority"]]
     rows = []
     for obj in items:
         cells: list[Any] = [obj.get("metadata", {}).get("name", "")]
+        computed = printer[1](obj) if printer else {}
         for col in cols[1:]:
+            if col["name"] in computed:
+                cells.append(computed[col["name"]])
+                continue
             value = _json_path(obj, col.get("jsonPath", ""))
             cells.append(human_age(value) if col.get("type") == "date" and value else value)
         rows.append({"cells": cells, "object": obj})

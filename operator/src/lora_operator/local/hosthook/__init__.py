@@ -1,0 +1,1 @@
+"""The directory the local pod runner puts first on a pod's PYTHONPATH (see sitecustomize)."""

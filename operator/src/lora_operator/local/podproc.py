@@ -1,0 +1,394 @@
+"""One pod as local processes: loopback IP, volumes, env, name rewriting, process groups.
+
+The container image is ignored: each container's command runs on this machine with the
+runner's Python environment (its bin directory first on PATH), in its own session/process
+group, with stdout and stderr in `<state>/pods/<ns>/<pod>/<container>.log`.
+
+Mapping of the pod spec onto the machine:
+- Network: each pod gets its own loopback address 127.0.X.Y (Linux routes all of
+  127.0.0.0/8 to `lo`; X starts at a random block per runner), reserved per DNS name so
+  `<hostname>.<subdomain>` keeps its address across retries. Names resolve two ways:
+  (1) rewriting: in env values, command, args and workingDir,
+  `<host>.<subdomain>[.<ns>[.svc[.cluster.local]]]` of the pod's own subdomain (and any
+  known pod FQDN) is replaced by the IP, so non-Python resolvers (torchrun's TCPStore, curl)
+  work unmodified; (2) for Python processes, a sitecustomize on PYTHONPATH (hosthook/)
+  resolves names composed at run time from the runner's hosts file, with the pod's DNS
+  search list. Processes that bind 0.0.0.0 still share the machine's ports.
+- Volumes: configMap and secret (from the API's data, items honoured), emptyDir (a
+  directory), persistentVolumeClaim (`<state>/pvcs/<ns>/<claim>`, kept across pods), hostPath
+  (the path itself), anything else an empty directory. A mountPath (with subPath) is mapped by
+  rewriting it in env values, command, args and workingDir, like the names; a `/tmp` mount
+  also becomes TMPDIR. The root filesystem, readOnly, resources, probes and security
+  contexts are not emulated.
+- Env: the runner's own environment, then HOSTNAME, envFrom, env with value / $(VAR)
+  expansion / fieldRef (metadata.name, namespace, uid, labels['k'], annotations['k'],
+  spec.nodeName, spec.serviceAccountName, status.podIP, status.hostIP) / configMapKeyRef /
+  secretKeyRef.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import random
+import re
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_operator.local.kubeapi import KubeClient, Obj, path
+from lora_operator.local.store import now_iso
+
+HOOK_DIR = Path(__file__).resolve().parent / "hosthook"
+CLUSTER_DOMAIN = "svc.cluster.local"
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+_FIELD_KEY = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
+
+
+class NotReadyError(Exception):
+    """A referenced ConfigMap/Secret (or key) is missing: the pod waits, as the kubelet does."""
+
+
+def pod_fqdn(pod: Obj) -> str | None:
+    """`<hostname>.<subdomain>.<ns>.svc.cluster.local`, when the pod has both names."""
+    spec, meta = pod.get("spec") or {}, pod["metadata"]
+    if spec.get("hostname") and spec.get("subdomain"):
+        return f"{spec['hostname']}.{spec['subdomain']}.{meta['namespace']}.{CLUSTER_DOMAIN}"
+    return None
+
+
+class Network:
+    """Loopback IPs per pod (reserved per DNS name) and the hosts file of running pods."""
+
+    def __init__(self, hosts_file: Path, block: int | None = None) -> None:
+        self.hosts_file = hosts_file
+        self._reserved: dict[str, str] = {}
+        # from 127.0.<block>.1 on; a random block keeps two runners on one machine apart
+        self._next = 256 * (block if block is not None else random.randint(1, 200)) + 1
+        self._live: dict[str, str] = {}
+        self._write()
+
+    def ip_for(self, key: str) -> str:
+        if key not in self._reserved:
+            while self._next % 256 in (0, 255):
+                self._next += 1
+            n, self._next = self._next, self._next + 1
+            self._reserved[key] = f"127.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+        return self._reserved[key]
+
+    def known(self) -> dict[str, str]:
+        return {k: v for k, v in self._reserved.items() if "." in k}
+
+    def publish(self, fqdn: str, ip: str) -> None:
+        self._live[fqdn] = ip
+        self._write()
+
+    def unpublish(self, fqdn: str) -> None:
+        if self._live.pop(fqdn, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.hosts_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{ip} {name}\n" for name, ip in sorted(self._live.items())))
+        os.replace(tmp, self.hosts_file)
+
+
+def make_rewriter(
+    mounts: dict[str, str], namespace: str, subdomain: str | None, network: Network
+) -> Callable[[str], str]:
+    """Rewrite mount paths to local directories and pod DNS names to loopback IPs."""
+    alternatives: list[str] = []
+    paths = sorted((p for p in mounts if p != "/"), key=len, reverse=True)
+    if paths:
+        alternatives.append(
+            r"(?<![\w./-])(?P<path>" + "|".join(re.escape(p) for p in paths) + r")(?=/|$|[^\w.-])"
+        )
+    if subdomain:
+        sub, ns = re.escape(subdomain), re.escape(namespace)
+        alternatives.append(
+            rf"(?<![\w.-])(?P<host>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.{sub}"
+            rf"(?:\.{ns}(?:\.svc(?:\.cluster\.local)?)?)?(?![\w-])(?!\.[\w-])"
+        )
+    fqdns = sorted(network.known(), key=len, reverse=True)
+    if fqdns:
+        alternatives.append(
+            r"(?<![\w.-])(?P<fqdn>" + "|".join(re.escape(f) for f in fqdns) + r")(?![\w.-])"
+        )
+    if not alternatives:
+        return lambda text: text
+    pattern = re.compile("|".join(alternatives))
+
+    def replace(m: re.Match[str]) -> str:
+        groups = m.groupdict()
+        if groups.get("path"):
+            return mounts[groups["path"]]
+        if groups.get("host"):
+            return network.ip_for(f"{groups['host']}.{subdomain}.{namespace}.{CLUSTER_DOMAIN}")
+        return network.ip_for(groups["fqdn"])
+
+    return lambda text: pattern.sub(replace, text)
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion ($$ escapes; unknown references stay as they are)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(sub, text)
+
+
+async def _source_data(client: KubeClient, kind: str, ns: str, name: str) -> dict[str, str]:
+    """The string data of a ConfigMap or Secret (Secret data decoded); NotReadyError if missing."""
+    plural = "configmaps" if kind == "ConfigMap" else "secrets"
+    obj = await client.get(path("v1", plural, ns, name))
+    if obj is None:
+        raise NotReadyError(f'{kind.lower()} "{name}" not found')
+    data = dict(obj.get("data") or {})
+    if kind == "Secret":
+        data = {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()}
+        data.update(obj.get("stringData") or {})
+    else:
+        for key, value in (obj.get("binaryData") or {}).items():
+            data[key] = base64.b64decode(value).decode(errors="replace")
+    return data
+
+
+def _field_value(pod: Obj, field_path: str, ip: str) -> str:
+    meta, spec = pod["metadata"], pod.get("spec") or {}
+    if m := _FIELD_KEY.match(field_path):
+        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+    values = {
+        "metadata.name": meta.get("name"),
+        "metadata.namespace": meta.get("namespace"),
+        "metadata.uid": meta.get("uid"),
+        "spec.nodeName": spec.get("nodeName") or "local",
+        "spec.serviceAccountName": spec.get("serviceAccountName") or "default",
+        "status.podIP": ip,
+        "status.podIPs": ip,
+        "status.hostIP": "127.0.0.1",
+        "status.hostIPs": "127.0.0.1",
+    }
+    return str(values.get(field_path) or "")
+
+
+async def _value_from(client: KubeClient, pod: Obj, source: Obj, ip: str) -> str | None:
+    ns = pod["metadata"]["namespace"]
+    if "fieldRef" in source:
+        return _field_value(pod, source["fieldRef"]["fieldPath"], ip)
+    for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+        if key in source:
+            ref = source[key]
+            try:
+                data = await _source_data(client, kind, ns, ref["name"])
+                if ref["key"] not in data:
+                    raise NotReadyError(
+                        f"couldn't find key {ref['key']} in {kind} {ns}/{ref['name']}"
+                    )
+            except NotReadyError:
+                if ref.get("optional"):
+                    return None
+                raise
+            return data[ref["key"]]
+    return ""  # resourceFieldRef and the like are not emulated
+
+
+async def container_env(client: KubeClient, pod: Obj, container: Obj, ip: str) -> dict[str, str]:
+    """The env a container declares (envFrom, then env), expanded, before rewriting."""
+    ns = pod["metadata"]["namespace"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        prefix = source.get("prefix", "")
+        for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+            if key in source:
+                try:
+                    data = await _source_data(client, kind, ns, source[key]["name"])
+                except NotReadyError:
+                    if source[key].get("optional"):
+                        continue
+                    raise
+                env.update({prefix + k: v for k, v in data.items()})
+    for var in container.get("env") or []:
+        if "valueFrom" in var:
+            value = await _value_from(client, pod, var["valueFrom"], ip)
+            if value is not None:
+                env[var["name"]] = value
+        else:
+            env[var["name"]] = expand(var.get("value", ""), env)
+    return env
+
+
+async def materialise_volumes(
+    client: KubeClient, pod: Obj, root: Path, state: Path
+) -> dict[str, Path]:
+    """Create each volume as a local directory; returns volume name -> directory."""
+    ns = pod["metadata"]["namespace"]
+    out: dict[str, Path] = {}
+    for vol in (pod.get("spec") or {}).get("volumes") or []:
+        name = vol["name"]
+        target = root / "volumes" / name
+        if "persistentVolumeClaim" in vol:
+            target = state / "pvcs" / ns / vol["persistentVolumeClaim"]["claimName"]
+        elif "hostPath" in vol:
+            target = Path(vol["hostPath"]["path"])
+        target.mkdir(parents=True, exist_ok=True)
+        for key, kind, ref in (
+            ("configMap", "ConfigMap", "name"),
+            ("secret", "Secret", "secretName"),
+        ):
+            if key in vol:
+                try:
+                    data = await _source_data(client, kind, ns, vol[key][ref])
+                except NotReadyError:
+                    if vol[key].get("optional"):
+                        continue
+                    raise
+                items = vol[key].get("items") or [{"key": k, "path": k} for k in data]
+                for item in items:
+                    if item["key"] not in data:
+                        raise NotReadyError(f"configmap/secret key {item['key']} not found")
+                    file = target / item["path"]
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    file.write_text(data[item["key"]])
+        out[name] = target
+    return out
+
+
+@dataclass
+class ContainerProcess:
+    """One container's command as a local process group."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: str = ""
+    finished_at: str = ""
+    exit_code: int | None = None
+    reason: str = ""
+
+    async def start(self) -> None:
+        self.exit_code, self.reason, self.finished_at = None, "", ""
+        self.started_at = now_iso()
+        with open(self.log_path, "ab") as log:
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *self.argv,
+                    env=self.env,
+                    cwd=self.cwd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: killed as a tree
+                )
+            except OSError as exc:
+                log.write(f"lora-operator local runner: cannot start {self.argv}: {exc}\n".encode())
+                self.proc, self.exit_code, self.reason = None, 128, "StartError"
+                self.finished_at = now_iso()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.exit_code is None
+
+    async def wait(self) -> int:
+        if self.proc is None:
+            return self.exit_code if self.exit_code is not None else 128
+        code = await self.proc.wait()
+        self._kill_group(signal.SIGKILL)  # the container ends with its main process
+        if self.exit_code is None:
+            self.exit_code = code if code >= 0 else 128 - code
+            self.reason = "Completed" if self.exit_code == 0 else "Error"
+            self.finished_at = now_iso()
+        return self.exit_code
+
+    def _kill_group(self, sig: signal.Signals) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    async def kill(self, grace: float) -> None:
+        """SIGTERM to the process group, SIGKILL after the grace period."""
+        if self.proc is None or self.proc.returncode is not None:
+            self._kill_group(signal.SIGKILL)
+            return
+        self._kill_group(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
+        self._kill_group(signal.SIGKILL)
+        await self.proc.wait()
+
+    def status(self) -> Obj:
+        state: Obj
+        if self.running:
+            state = {"running": {"startedAt": self.started_at}}
+        elif self.exit_code is not None:
+            state = {
+                "terminated": {
+                    "exitCode": self.exit_code,
+                    "reason": self.reason,
+                    "startedAt": self.started_at,
+                    "finishedAt": self.finished_at,
+                }
+            }
+        else:
+            state = {"waiting": {"reason": "ContainerCreating"}}
+        return {
+            "name": self.name,
+            "image": "",
+            "imageID": "",
+            "ready": self.running,
+            "started": self.running,
+            "restartCount": self.restarts,
+            "state": state,
+            "lastState": {},
+        }
+
+
+async def build_containers(
+    client: KubeClient, pod: Obj, ip: str, root: Path, state: Path, network: Network
+) -> list[ContainerProcess]:
+    """Materialise the pod's volumes and describe its containers' processes."""
+    meta, spec = pod["metadata"], pod.get("spec") or {}
+    volumes = await materialise_volumes(client, pod, root, state)
+    base = dict(os.environ)
+    base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")])
+    base["HOSTNAME"] = spec.get("hostname") or meta["name"]
+    out = []
+    for container in spec.get("containers") or []:
+        mounts = {
+            m["mountPath"].rstrip("/") or "/": str(volumes[m["name"]] / m.get("subPath", ""))
+            for m in container.get("volumeMounts") or []
+            if m["name"] in volumes
+        }
+        rewrite = make_rewriter(mounts, meta["namespace"], spec.get("subdomain"), network)
+        declared = await container_env(client, pod, container, ip)
+        env = {**base, **{k: rewrite(v) for k, v in declared.items()}}
+        if "/tmp" in mounts and "TMPDIR" not in declared:
+            env["TMPDIR"] = mounts["/tmp"]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOK_DIR), env.get("PYTHONPATH")) if p)
+        env.update(
+            LORA_LOCAL_HOSTS_FILE=str(network.hosts_file),
+            LORA_LOCAL_NAMESPACE=meta["namespace"],
+            LORA_LOCAL_POD_IP=ip,
+            LORA_LOCAL_SUBDOMAIN=spec.get("subdomain") or "",
+        )
+        argv = [
+            rewrite(expand(a, declared))
+            for a in (container.get("command") or []) + (container.get("args") or [])
+        ]
+        workdir = rewrite(container.get("workingDir") or str(root / "work"))
+        if not Path(workdir).is_dir():  # an image directory: private to the pod here
+            workdir = str(root / "rootfs" / workdir.lstrip("/"))
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+        log = root / f"{container['name']}.log"
+        out.append(ContainerProcess(container["name"], argv, env, workdir, log))
+    return out
