@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lora_operator import __version__
 from lora_operator.api import constants as c
-from lora_operator.cli import crds, validate
+from lora_operator.cli import crds, health, local_api, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     validate.register(commands)
     crds.register(commands)
+    local_api.register(commands)
+    health.register(commands)
     return parser
 
 

@@ -10,8 +10,10 @@ from typing import Any
 from lora_operator.api import constants as c
 from lora_operator.api.crd import CRD_FILE, render_crd
 from lora_operator.api.reference import render_reference
+from lora_operator.health.reference import render_rules_doc
 
 REFERENCE = Path("docs/api-reference.md")
+RULES_DOC = Path("docs/health-rules.md")
 
 
 def register(commands: Any) -> None:
@@ -25,15 +27,22 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--reference", type=Path, default=REFERENCE, help="generated API reference (markdown)"
     )
+    parser.add_argument(
+        "--rules-doc", type=Path, default=RULES_DOC, help="generated health rules (markdown)"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    outputs = {args.dir / CRD_FILE: render_crd(), args.reference: render_reference()}
+    outputs = {
+        args.dir / CRD_FILE: render_crd(),
+        args.reference: render_reference(),
+        args.rules_doc: render_rules_doc(),
+    }
     if args.check:
         stale = [p for p, text in outputs.items() if (p.read_text() if p.exists() else "") != text]
         for path in stale:
-            print(f"{path} is out of date with lora_operator.api: run `make crds`", file=sys.stderr)
+            print(f"{path} is out of date with lora_operator: run `make crds`", file=sys.stderr)
         if not stale:
             print(f"{', '.join(map(str, outputs))}: up to date")
         return c.EXIT_ERROR if stale else c.EXIT_OK
