@@ -66,7 +66,7 @@ def build_model(shape: str, seq: int) -> torch.nn.Module:
     return model
 
 
-def spec_for(seq: int, micro_batch: int, steps: int) -> LoRAFineTuneSpec:
+def spec_for(seq: int, micro_batch: int, steps: int, zero: int | None = None) -> LoRAFineTuneSpec:
     return LoRAFineTuneSpec.model_validate(
         {
             "model": {"source": "file:///unused", "dtype": "bfloat16"},
@@ -82,7 +82,8 @@ def spec_for(seq: int, micro_batch: int, steps: int) -> LoRAFineTuneSpec:
                 "checkpointEverySteps": 10**6,
                 "eval": {"everySteps": 10**6},
             },
-            "distributed": {"gpusPerNode": 1},
+            "distributed": {"gpusPerNode": 1}
+            | ({"deepspeed": {"zeroStage": zero}} if zero is not None else {}),
             "output": {"uri": "file:///tmp/bench-out"},
         }
     )

@@ -22,11 +22,19 @@ import yaml
 
 from lora_trainer.telemetry.collect import TelemetryCollector, _unwrap_optimizer
 from lora_trainer.telemetry.stats import (
+    Layout,
+    MatrixKey,
+    Segments,
     delta_w_sq,
+    delta_w_sq_grouped,
     dw_rel,
     dw_rel_materialised,
-    grad_part,
+    grad_sums,
+    pack,
+    param_sums,
     parse_module_name,
+    shape_groups,
+    unpack,
 )
 from tests.conftest import EXAMPLES, deep_merge, free_port
 
@@ -62,13 +70,93 @@ def test_dw_rel_factorised_equals_materialised(out_f: int, in_f: int, r: int) ->
     assert delta_w_sq(a, torch.zeros_like(b)).item() == 0.0
 
 
-def test_grad_part_handles_none_and_exact_zeros() -> None:
+def test_grad_sums_handles_none_exact_zeros_and_nonfinite() -> None:
+    seg = Segments([4, 2, 3], torch.device("cpu"))
     g1 = torch.tensor([[0.0, 3.0], [4.0, 0.0]])
-    part = grad_part([g1, None, torch.zeros(3)], [torch.tensor([float("nan"), 1.0])])
-    assert part.none == [False, True, False]
-    assert part.norms.tolist() == pytest.approx([5.0, 0.0, 0.0])
-    assert part.zero_fraction.tolist() == pytest.approx([0.5, 0.0, 1.0])
-    assert part.nonfinite.item() == 1
+    rows, scalars = grad_sums(seg, [g1, None, torch.zeros(3)], [torch.tensor([math.nan, 1.0])])
+    assert rows[0].sqrt().tolist() == pytest.approx([5.0, 0.0, 0.0])
+    assert rows[1].tolist() == [2.0, 2.0, 3.0]  # exact-zero counts (None: reported as None)
+    assert scalars.tolist()[0] == 1.0  # the NaN in another trainable parameter
+    assert math.isnan(scalars.tolist()[1])  # its squared norm
+
+
+def _naive(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    return [a.norm().item(), b.norm().item()]
+
+
+def test_rank_fragments_sum_to_the_full_statistics() -> None:
+    """ZeRO-1/2: each rank reduces the slices it owns; one all_reduce (here: a sum of the
+    packed vectors) gives exactly the statistics of the full tensors."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 6), (5, 4), (4, 6), (3, 4)]  # A, B of two modules with different shapes
+    full = {
+        name: [torch.randn(*s, generator=gen) for s in shapes]
+        for name in ("grad", "before", "after", "m", "v")
+    }
+    full["grad"][0][0, :3] = 0.0  # some exact zeros
+    full["v"] = [v.abs() for v in full["v"]]
+    numels = [math.prod(s) for s in shapes]
+    flat = {k: torch.cat([t.reshape(-1) for t in ts]) for k, ts in full.items()}
+    cut = sum(numels) // 2 + 1  # the flat partition boundary falls inside matrix 1
+    packed = torch.zeros(0)
+    for lo, hi in ((0, cut), (cut, sum(numels))):  # rank 0, rank 1
+        spans: list[tuple[int, int]] = []
+        frags: dict[str, list[torch.Tensor | None]] = {k: [] for k in full}
+        start = 0
+        for n in numels:
+            s_lo, s_hi = max(lo, start), min(hi, start + n)
+            spans.append((s_lo - start, s_hi - s_lo) if s_hi > s_lo else (0, 0))
+            for k in full:
+                frags[k].append(flat[k][s_lo:s_hi] if s_hi > s_lo else None)
+            start += n
+        seg = Segments(numels, torch.device("cpu"), spans)
+        g_rows, g_sc = grad_sums(seg, frags["grad"])
+        p_rows, p_sc = param_sums(
+            seg, seg.flat(frags["before"]), frags["after"], frags["m"], frags["v"]
+        )
+        part = pack(g_rows, g_sc, p_rows, p_sc)
+        packed = part if not len(packed) else packed + part
+    keys = [
+        MatrixKey(0, "q", "A"),
+        MatrixKey(0, "q", "B"),
+        MatrixKey(0, "k", "A"),
+        MatrixKey(0, "k", "B"),
+    ]
+    pairs = [(0, 1, 2.0), (2, 3, 0.5)]
+    groups = shape_groups([(shapes[a], shapes[b]) for a, b, _ in pairs])
+    assert groups == [[0], [1]]
+    dw = delta_w_sq_grouped(full["after"][0::2], full["after"][1::2], groups)
+    layout = Layout(keys, numels, pairs, [0, 1], w_norms=[3.0, 4.0])
+    stats = unpack(
+        [*packed.tolist(), *dw.tolist()],
+        layout,
+        7,
+        [False] * 4,
+        [True] * 4,
+        None,
+        [1e-3],
+        [2e-3],
+        [0] * 4,
+    )
+    for i, m in enumerate(stats.matrices):
+        grad, before, after = full["grad"][i], full["before"][i], full["after"][i]
+        assert m.grad_norm == pytest.approx(grad.norm().item(), rel=1e-6)
+        assert m.grad_zero_fraction == pytest.approx((grad == 0).float().mean().item())
+        assert m.param_norm_init == pytest.approx(before.norm().item(), rel=1e-6)
+        assert m.param_norm == pytest.approx(after.norm().item(), rel=1e-6)
+        ratio = ((after - before).norm() / before.norm()).item()
+        assert m.update_ratio == pytest.approx(ratio, rel=1e-5)
+        assert m.exp_avg_norm == pytest.approx(full["m"][i].norm().item(), rel=1e-6)
+        assert m.exp_avg_sq_mean == pytest.approx(full["v"][i].mean().item(), rel=1e-6)
+        assert m.lr_sum == 2e-3
+    for j, (a, b, scale) in enumerate(pairs):
+        ref = dw_rel_materialised(
+            full["after"][a], full["after"][b], torch.eye(1) * layout.w_norms[j], scale
+        )
+        assert stats.modules[j].dw_rel == pytest.approx(ref.item(), rel=1e-5)
+    total = math.sqrt(sum(g.norm().item() ** 2 for g in full["grad"]))
+    assert stats.lora_grad_norm == pytest.approx(total, rel=1e-6)
+    assert stats.nonfinite_grad == stats.nonfinite_param == stats.nonfinite_exp_avg_sq == 0
 
 
 def test_module_names() -> None:
@@ -271,6 +359,7 @@ def _cli(tmp: Path, body: dict[str, Any], nproc: int) -> Path:
     cmd += ["launch", "--nproc-per-node", str(nproc), "--", *tail] if nproc > 1 else tail
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (tmp / "cli.log").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -282,18 +371,26 @@ def zero_runs(tmp_path_factory: pytest.TempPathFactory, tiny_assets: Any) -> dic
             tmp_path_factory.mktemp("telemetry_ref"), _spec_body(tiny, _dist_patch({}, 16)), 1
         )
     }
-    for stage in (2, 3):
-        dist = {"processesPerNode": 2, "deepspeed": {"zeroStage": stage}}
-        body = _spec_body(tiny, _dist_patch(dist, 8))  # 2 ranks x 8 = the reference's 16
-        runs[f"zero{stage}"] = _cli(tmp_path_factory.mktemp(f"telemetry_z{stage}"), body, 2)
+    variants: dict[str, dict[str, Any]] = {
+        f"zero{stage}": {"deepspeed": {"zeroStage": stage}} for stage in (1, 2, 3)
+    }
+    variants["ddp"] = {"launcher": "torchrun"}  # no DeepSpeed: torchrun + DDP
+    for name, dist in variants.items():
+        body = _spec_body(tiny, _dist_patch({"processesPerNode": 2, **dist}, 8))  # 2 x 8 = 16
+        runs[name] = _cli(tmp_path_factory.mktemp(f"telemetry_{name}"), body, 2)
     return runs
 
 
 @pytest.mark.training
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["zero2", "zero3"])
-def test_deepspeed_two_ranks_equal_single_process(zero_runs: dict[str, Path], name: str) -> None:
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "ddp"])
+def test_two_ranks_equal_single_process(zero_runs: dict[str, Path], name: str) -> None:
+    """ZeRO-1/2 (rank fragments + one all_reduce), ZeRO-3 (gathered) and torchrun DDP give
+    the single-process numbers on the same global batch."""
     ref, got = _records(zero_runs["reference"]), _records(zero_runs[name])
+    mode = {"zero1": "zero-fragments", "zero2": "zero-fragments", "zero3": "zero-gathered"}
+    log = (zero_runs[name].parent / "cli.log").read_text()
+    assert f"({mode.get(name, 'torch')})" in log, log[-2000:]
     assert sorted(got) == sorted(ref) == [1, 2, 3]
     for step in ref:
         r, g = ref[step], got[step]
@@ -409,46 +506,3 @@ def test_metrics_endpoint_during_a_real_run(tmp_path: Path, tiny_assets: Any) ->
             proc.send_signal(signal.SIGTERM)  # checkpoints and stops at the step boundary
         out, _ = proc.communicate(timeout=300)
     assert proc.returncode in (0, 128 + signal.SIGTERM), out[-4000:]
-
-
-def test_summarise_transfers_to_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One collection = one device-to-host transfer (a single .tolist(), no .item())."""
-    from lora_trainer.telemetry.stats import MatrixKey, summarise
-
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(4, 6, generator=gen), torch.randn(5, 4, generator=gen)
-    after = [a + 0.01, b + 0.01]
-    part = grad_part([torch.randn(4, 6, generator=gen), None])
-    calls: list[str] = []
-    for name in ("tolist", "item", "__float__", "cpu"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self: torch.Tensor, *args: Any, _n: str = name, _o: Any = original) -> Any:
-            calls.append(_n)
-            return _o(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    stats = summarise(
-        step=1,
-        keys=[MatrixKey(0, "q", "A"), MatrixKey(0, "q", "B")],
-        grads=part,
-        before=[a, b],
-        after=after,
-        exp_avg=[torch.ones(4, 6), None],
-        exp_avg_sq=[torch.ones(4, 6), None],
-        pairs=[(0, 1, 2.0)],
-        w_norms=torch.tensor([3.0]),
-        init_norms=None,
-        lr=[1e-3],
-        lr_sum=[1e-3],
-        matrix_group=[0, 0],
-    )
-    monkeypatch.undo()
-    assert calls == ["tolist"]
-    m_a, m_b = stats.matrices
-    assert m_b.grad_none == 1 and m_b.grad_norm is None and m_b.exp_avg_norm is None
-    assert m_a.param_norm_init == pytest.approx(a.norm().item())
-    assert m_a.exp_avg_sq_mean == pytest.approx(1.0)
-    assert stats.modules[0].dw_rel == pytest.approx(
-        (2.0 * (after[1] @ after[0]).norm() / 3.0).item(), rel=1e-5
-    )

@@ -1,19 +1,28 @@
 """Collect LoRA/Adam statistics between backward and the optimizer step.
 
-Plain/DDP: gradients are read before clipping (a wrapper around the Trainer's
-`_clip_grad_norm`, or the optimizer's step pre-hook when clipping is off), parameters are
-copied in the step pre-hook, and the step post-hook reads the updated parameters and the
-Adam state. DeepSpeed: HF callbacks run too late (accelerate steps the engine inside
-`backward()`), so the engine's `step` is wrapped and the `deepspeed.utils.safe_get_full_*`
-collectives are called on EVERY rank in the same order; only global rank 0 keeps results.
+Plain/DDP (mode "torch", global rank 0 only; DDP grads are already averaged): gradients are
+read before clipping (a wrapper around the Trainer's `_clip_grad_norm`, or the optimizer's
+step pre-hook when clipping is off), parameters are snapshotted in the step pre-hook and the
+step post-hook reads the updated parameters and the Adam state.
+
+DeepSpeed: HF callbacks run too late (accelerate steps the engine inside `backward()`), so
+the engine's `step` is wrapped. ZeRO-1/2 ("zero-fragments"): every rank reduces the slices
+of the fp32 gradients, master parameters and Adam state it owns (DeepSpeed's `_hp_mapping`
+fragments) into per-matrix sums, and ONE all_reduce adds them up; dW_rel comes from the full
+bit16 weights every rank holds after the step. ZeRO-3 ("zero-gathered"): the
+`deepspeed.utils.safe_get_full_*` collectives, called on every rank in the same order.
+
+All statistics of a collection are packed into one vector on the device (see `stats`), so a
+collection costs one device-to-host copy, which on CUDA is asynchronous (read a step late).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,17 +30,23 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from lora_trainer.telemetry.stats import (
-    GradPart,
+    Layout,
     MatrixKey,
+    Segments,
     StepStats,
-    grad_part,
+    delta_w_sq_grouped,
+    grad_sums,
+    pack,
+    param_sums,
     parse_module_name,
-    summarise,
+    shape_groups,
+    unpack,
 )
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"
-_KEEP = 8  # results kept for on_log to pick up
+_KEEP = 8  # decoded results kept for the trace writer to pick up
+_MAX_PENDING = 4  # collections still in pinned host memory, not yet decoded
 
 
 @dataclass
@@ -81,11 +96,30 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+@dataclass
+class _Pending:
+    """A packed collection whose device-to-host copy may still be in flight."""
+
+    step: int
+    host: torch.Tensor
+    event: Any  # torch.cuda.Event, or None when the copy was synchronous
+    none: list[bool]
+    have_state: list[bool]
+    lr: list[float]
+    lr_sum: list[float]
+
+
 class TelemetryCollector(TrainerCallback):
     """HF callback that installs the hooks at train begin and hands out per-step results.
 
     `fields(step)` returns the trace.jsonl fields of a collected step (rank 0; `{}` otherwise).
     `subscribers` are called with each StepStats on global rank 0 (e.g. the exporter).
+
+    On CUDA the packed statistics are copied to pinned host memory without blocking and
+    decoded only when asked for (`fields`, usually from the trace writer's thread), when
+    too many are pending, or at the end of training, so the training loop never waits for
+    the GPU or spends time decoding on its critical path. Collections are decoded in step
+    order (the first one defines the initial norms).
     """
 
     def __init__(self, interval_steps: int = 10) -> None:
@@ -97,15 +131,22 @@ class TelemetryCollector(TrainerCallback):
         self.latest_time = 0.0  # unix time of `latest`
         self.subscribers: list[Callable[[StepStats], None]] = []
         self.lr_sum: list[float] = []
+        self.mode = ""  # torch | zero-fragments | zero-gathered
+        self._installed = False
         self._init_norms: list[float] | None = None
-        self._w_norms: torch.Tensor | None = None
-        self._grads: GradPart | None = None
-        self._grads_step = -1  # the step `_grads` was read for (a skipped step leaves it)
-        self._before: list[torch.Tensor] = []
+        self._seg: Segments | None = None
+        self._layout: Layout | None = None
+        self._groups: list[list[int]] = []
         self._group_of: list[int] = []
         self._lr: list[float] = []
-        self._installed = False
-        self.mode = ""
+        self._grads: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._grads_step = -1  # the step `_grads` was read for (a skipped step leaves it)
+        self._none: list[bool] = []
+        self._before: torch.Tensor | None = None
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._free: list[torch.Tensor] = []  # pinned host buffers ready for reuse
+        self._losses: dict[int, float] = {}
+        self._lock = threading.RLock()
 
     def attach(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -119,8 +160,42 @@ class TelemetryCollector(TrainerCallback):
         return bool(self.trainer is None or self.trainer.args.process_index == 0)
 
     def fields(self, step: int) -> dict[str, Any]:
-        stats = self.results.pop(step, None)
+        """trace.jsonl fields of a collected step (decodes it if still pending); thread-safe."""
+        with self._lock:
+            self._resolve(step)
+            stats = self.results.pop(step, None)
         return stats.to_record() if stats is not None else {}
+
+    def flush(self) -> None:
+        """Decode and publish every pending collection (waits for their copies)."""
+        with self._lock:
+            self._resolve(None)
+
+    def _resolve(self, upto: int | None) -> None:
+        """Decode pending collections in step order, through step `upto` (None: all)."""
+        while self._pending and self._layout is not None:
+            step, pending = next(iter(self._pending.items()))
+            if upto is not None and step > upto:
+                return
+            del self._pending[step]
+            if pending.event is not None:
+                pending.event.synchronize()
+            values = pending.host.tolist()
+            if pending.event is not None:
+                self._free.append(pending.host)
+            stats = unpack(
+                values,
+                self._layout,
+                step=pending.step,
+                none=pending.none,
+                have_state=pending.have_state,
+                init_norms=self._init_norms,
+                lr=pending.lr,
+                lr_sum=pending.lr_sum,
+                matrix_group=self._group_of,
+            )
+            stats.loss = self._losses.pop(step, None)
+            self._publish(stats)
 
     # -- HF callback events -------------------------------------------------------------
 
@@ -142,9 +217,19 @@ class TelemetryCollector(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        stats = self.results.get(state.global_step)
-        if stats is not None and logs and "loss" in logs:
-            stats.loss = float(logs["loss"])
+        if not logs or "loss" not in logs:
+            return
+        with self._lock:
+            stats = self.results.get(state.global_step)
+            if stats is not None:
+                stats.loss = float(logs["loss"])
+            elif state.global_step in self._pending:
+                self._losses[state.global_step] = float(logs["loss"])
+
+    def on_train_end(
+        self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.flush()
 
     # -- installation -------------------------------------------------------------------
 
@@ -157,8 +242,15 @@ class TelemetryCollector(TrainerCallback):
             if not hasattr(engine, "is_gradient_accumulation_boundary"):
                 return  # the engine does not exist yet
             self.tracked = find_lora(engine.module)
-            self._wrap_engine(engine)
-            self.mode = "deepspeed"
+            self._group_of = [0] * len(self.tracked.params)
+            fragments = all(hasattr(p, "_hp_mapping") for p in self.tracked.params)
+            stage = int(engine.zero_optimization_stage())
+            if fragments and stage in (1, 2):
+                self._wrap_engine_fragments(engine)
+                self.mode = "zero-fragments"
+            else:
+                self._wrap_engine_gathered(engine)
+                self.mode = "zero-gathered"
         else:
             if trainer.optimizer is None:
                 return
@@ -186,7 +278,30 @@ class TelemetryCollector(TrainerCallback):
         self.lr_sum = [s + lr for s, lr in zip(self.lr_sum, lrs, strict=True)]
         self._lr = lrs
 
-    # -- plain / DDP --------------------------------------------------------------------
+    def _setup(
+        self,
+        numels: list[int],
+        device: torch.device,
+        w_norms: list[float],
+        spans: list[tuple[int, int]] | None = None,
+    ) -> None:
+        """Segments of this rank's fragments and the layout (first collection only)."""
+        if self._seg is not None:
+            return
+        t = self.tracked
+        self._seg = Segments(numels, device, spans)
+        self._groups = shape_groups(
+            [(tuple(t.params[a].shape), tuple(t.params[b].shape)) for a, b, _ in t.pairs]
+        )
+        self._layout = Layout(
+            keys=t.keys,
+            numels=[p.numel() if p.numel() else _full_numel(p) for p in t.params],
+            pairs=t.pairs,
+            module_order=[j for g in self._groups for j in g],
+            w_norms=w_norms,
+        )
+
+    # -- plain / DDP (every process holds full grads and params; rank 0 alone collects) --
 
     def _wrap_clip(self, trainer: Any) -> None:
         original = getattr(trainer, "_clip_grad_norm", None)
@@ -195,51 +310,106 @@ class TelemetryCollector(TrainerCallback):
 
         def clip(*args: Any, **kwargs: Any) -> Any:
             step = self._step_after()
-            if self.due(step):
-                part = self._grad_part([p.grad for p in self.tracked.params])
+            if self.is_rank_zero and self.due(step):
+                self._read_grads()
                 # fp16 AMP: grads are still multiplied by the loss scale here (accelerate
                 # unscales inside clip_grad_norm_); divide on the device, no sync
                 scale = getattr(getattr(trainer.accelerator, "scaler", None), "_scale", None)
-                if isinstance(scale, torch.Tensor):
-                    inv = 1.0 / scale.to(part.norms.device).float()
-                    part.norms = part.norms * inv
-                    part.extra_sq = part.extra_sq * inv * inv
-                self._grads, self._grads_step = part, step
+                if isinstance(scale, torch.Tensor) and self._grads is not None:
+                    rows, scalars = self._grads
+                    inv2 = (1.0 / scale.to(rows.device).float()) ** 2
+                    rows = torch.stack([rows[0] * inv2, rows[1]])
+                    scalars = torch.stack([scalars[0], scalars[1] * inv2])
+                    self._grads = (rows, scalars)
+                self._grads_step = step
             return original(*args, **kwargs)
 
         trainer._clip_grad_norm = clip
 
-    def _grad_part(self, grads: list[torch.Tensor | None]) -> GradPart:
-        return grad_part(grads, [p.grad for p in self.tracked.extra])
+    def _read_grads(self) -> None:
+        t = self.tracked
+        if self._seg is None:
+            dev = t.params[0].device if t.params else torch.device("cpu")
+            self._setup([p.numel() for p in t.params], dev, _w_norms(t.bases))
+        assert self._seg is not None
+        grads = [p.grad for p in t.params]
+        self._none = [g is None for g in grads]
+        self._grads = grad_sums(self._seg, grads, [p.grad for p in t.extra])
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         self._accumulate_lr([float(g["lr"]) for g in optimizer.param_groups])
         step = self._step_after()
-        if not self.due(step):
+        if not self.is_rank_zero or not self.due(step):
             self._grads = None
             return
         if self._grads is None or self._grads_step != step:
-            # no clipping (or no wrapper): the grads here are still the raw ones
-            self._grads = self._grad_part([p.grad for p in self.tracked.params])
-        self._before = [p.detach().clone() for p in self.tracked.params]
-        if self._w_norms is None:
-            self._w_norms = _w_norms([b.detach() for b in self.tracked.bases])
+            self._read_grads()  # no clipping (or no wrapper): the grads here are raw
+        assert self._seg is not None
+        self._before = self._seg.flat([p.detach() for p in self.tracked.params])
 
     def _post_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         grads, self._grads = self._grads, None
-        if grads is None or not self.is_rank_zero:
+        before, self._before = self._before, None
+        if grads is None or before is None or self._seg is None:
             return
+        params = self.tracked.params
         state = optimizer.state
-        self._finish(
-            grads,
-            [p.detach() for p in self.tracked.params],
-            [state.get(p, {}).get("exp_avg") for p in self.tracked.params],
-            [state.get(p, {}).get("exp_avg_sq") for p in self.tracked.params],
+        exp_avg = [state.get(p, {}).get("exp_avg") for p in params]
+        exp_avg_sq = [state.get(p, {}).get("exp_avg_sq") for p in params]
+        rows, scalars = param_sums(
+            self._seg, before, [p.detach() for p in params], exp_avg, exp_avg_sq
         )
+        packed = pack(grads[0], grads[1], rows, scalars)
+        self._dispatch(packed, params, self._none, [v is not None for v in exp_avg_sq])
 
-    # -- DeepSpeed ----------------------------------------------------------------------
+    # -- DeepSpeed ZeRO-1/2: this rank's fragments, one all_reduce -----------------------
 
-    def _wrap_engine(self, engine: Any) -> None:
+    def _wrap_engine_fragments(self, engine: Any) -> None:
+        original = engine.step
+        params = self.tracked.params
+        extra = self.tracked.extra
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if not engine.is_gradient_accumulation_boundary():
+                return original(*args, **kwargs)
+            self._accumulate_lr([float(x) for x in engine.get_lr()])
+            if not self.due(self._step_after()):
+                return original(*args, **kwargs)
+            if self._seg is None:
+                numels = [p.numel() for p in params]
+                spans = [_fragment_span(p) for p in params]
+                self._setup(numels, params[0].device, _w_norms(self.tracked.bases), spans)
+            seg = self._seg
+            assert seg is not None
+            g_rows, g_scalars = grad_sums(
+                seg, [_grad_fragment(p) for p in params], [_grad_fragment(p) for p in extra]
+            )
+            before = seg.flat([_hp_fragment(p) for p in params])
+            out = original(*args, **kwargs)
+            v_frags = [_state_fragment(p, "exp_avg_sq") for p in params]
+            p_rows, p_scalars = param_sums(
+                seg,
+                before,
+                [_hp_fragment(p) for p in params],
+                [_state_fragment(p, "exp_avg") for p in params],
+                v_frags,
+            )
+            packed = pack(g_rows, g_scalars, p_rows, p_scalars)
+            group = getattr(params[0], "_dp_group", None) if params else None
+            torch.distributed.all_reduce(packed, group=group)  # every rank, once
+            if self.is_rank_zero:  # full bit16 weights are on every rank after the step
+                have = [
+                    v is not None or _fragment_numel(p) == 0
+                    for v, p in zip(v_frags, params, strict=True)
+                ]
+                self._dispatch(packed, params, [False] * len(params), have)
+            return out
+
+        engine.step = step
+
+    # -- DeepSpeed ZeRO-3 (and anything without fragments): gathered full tensors ---------
+
+    def _wrap_engine_gathered(self, engine: Any) -> None:
         from deepspeed.utils import (
             safe_get_full_fp32_param,
             safe_get_full_grad,
@@ -248,7 +418,6 @@ class TelemetryCollector(TrainerCallback):
 
         original = engine.step
         params = self.tracked.params
-        self._group_of = [0] * len(params)
 
         def step(*args: Any, **kwargs: Any) -> Any:
             if not engine.is_gradient_accumulation_boundary():
@@ -259,47 +428,65 @@ class TelemetryCollector(TrainerCallback):
             # collectives: every rank, same order
             grads = [safe_get_full_grad(p) for p in params]
             extra = [safe_get_full_grad(p) for p in self.tracked.extra]
-            before = [safe_get_full_fp32_param(p).detach().clone() for p in params]
-            if self._w_norms is None:
-                self._w_norms = _gathered_w_norms(self.tracked.bases)
-            part = grad_part(grads, extra)
+            before_full = [safe_get_full_fp32_param(p) for p in params]
+            if self._seg is None:
+                w_norms = _gathered_w_norms(self.tracked.bases)
+                device = grads[0].device if grads and grads[0] is not None else None
+                numels = [t.numel() for t in before_full]
+                self._setup(numels, device or torch.device("cpu"), w_norms)
+            seg = self._seg
+            assert seg is not None
+            zero = self.is_rank_zero
+            g = grad_sums(seg, grads, extra) if zero else None
+            before = seg.flat(before_full) if zero else None
             out = original(*args, **kwargs)
-            after = [safe_get_full_fp32_param(p).detach() for p in params]
+            after = [safe_get_full_fp32_param(p) for p in params]
             exp_avg = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
             exp_avg_sq = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
-            if self.is_rank_zero:
-                self._before = before
-                self._finish(part, after, exp_avg, exp_avg_sq)
+            if g is not None and before is not None:
+                rows, scalars = param_sums(seg, before, after, exp_avg, exp_avg_sq)
+                packed = pack(g[0], g[1], rows, scalars)
+                have = [v is not None for v in exp_avg_sq]
+                self._dispatch(packed, after, [x is None for x in grads], have)
             return out
 
         engine.step = step
 
     # -- common -------------------------------------------------------------------------
 
-    def _finish(
+    def _dispatch(
         self,
-        grads: GradPart,
-        after: list[torch.Tensor],
-        exp_avg: list[torch.Tensor | None],
-        exp_avg_sq: list[torch.Tensor | None],
+        packed: torch.Tensor,
+        full: Sequence[torch.Tensor],
+        none: list[bool],
+        have_state: list[bool],
     ) -> None:
-        assert self._w_norms is not None
-        stats = summarise(
-            step=self._step_after(),
-            keys=self.tracked.keys,
-            grads=grads,
-            before=self._before,
-            after=after,
-            exp_avg=exp_avg,
-            exp_avg_sq=exp_avg_sq,
-            pairs=self.tracked.pairs,
-            w_norms=self._w_norms.to(grads.norms.device),
-            init_norms=self._init_norms,
-            lr=self._lr,
-            lr_sum=self.lr_sum,
-            matrix_group=self._group_of,
-        )
-        self._before = []
+        """Append ||B@A||^2 of the full matrices and start the one device-to-host copy."""
+        a = [full[i] for i, _, _ in self.tracked.pairs]
+        b = [full[j] for _, j, _ in self.tracked.pairs]
+        dw = delta_w_sq_grouped(a, b, self._groups).to(packed.device)
+        vec = torch.cat([packed, dw])
+        event = None
+        host = vec
+        if vec.device.type == "cuda":
+            with self._lock:
+                free = [b for b in self._free if b.numel() == vec.numel()]
+                if free:
+                    self._free.remove(free[0])
+            host = free[0] if free else torch.empty(vec.numel(), pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        step = self._step_after()
+        pending = _Pending(step, host, event, none, have_state, list(self._lr), list(self.lr_sum))
+        with self._lock:
+            self._pending[step] = pending
+            if event is None:
+                self._resolve(step)
+            while len(self._pending) > _MAX_PENDING:  # nobody is asking: decode the oldest
+                self._resolve(next(iter(self._pending)))
+
+    def _publish(self, stats: StepStats) -> None:
         if self._init_norms is None:
             self._init_norms = [m.param_norm_init for m in stats.matrices]
         self.results[stats.step] = stats
@@ -314,20 +501,67 @@ class TelemetryCollector(TrainerCallback):
                 log.exception("telemetry subscriber failed")
 
 
+# -- DeepSpeed ZeRO-1/2 fragment access (deepspeed.utils.tensor_fragment) --------------------
+
+
+def _fragment_span(p: Any) -> tuple[int, int]:
+    """(start, length) of the slice of `p` (flattened) this rank owns."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return 0, 0
+    address = mapping.lp_fragment_address
+    return int(address.start), int(address.numel)
+
+
+def _fragment_numel(p: Any) -> int:
+    return _fragment_span(p)[1]
+
+
+def _full_numel(p: Any) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def _grad_fragment(p: Any) -> torch.Tensor | None:
+    """This rank's slice of the reduced gradient (between backward and the engine step)."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    grad = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+    if grad.numel() == p.numel() and mapping.lp_fragment_address.numel != p.numel():
+        # bf16 keeps a full accumulation buffer on each rank: take the owned slice
+        address = mapping.lp_fragment_address
+        grad = grad.narrow(0, address.start, address.numel)
+    return grad  # type: ignore[no-any-return]
+
+
+def _hp_fragment(p: Any) -> torch.Tensor | None:
+    mapping = getattr(p, "_hp_mapping", None)
+    return None if mapping is None else mapping.hp_fragment.detach()
+
+
+def _state_fragment(p: Any, key: str) -> torch.Tensor | None:
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None or not getattr(mapping, "optim_fragment", None):
+        return None
+    return mapping.optim_fragment.get(key)  # type: ignore[no-any-return]
+
+
 def _group_index(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> list[int]:
     where = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     return [where.get(id(p), 0) for p in params]
 
 
-def _w_norms(weights: list[torch.Tensor]) -> torch.Tensor:
+def _w_norms(weights: list[torch.nn.Parameter]) -> list[float]:
+    """||W||_F of the frozen base weights, in fp32 without copies (once per run: one sync)."""
     if not weights:
-        return torch.zeros(0)
-    return torch.stack([n.float() for n in torch._foreach_norm(weights)])
+        return []
+    norms = [torch.linalg.vector_norm(w.detach(), dtype=torch.float32) for w in weights]
+    return [float(x) for x in torch.stack([n.to(norms[0].device) for n in norms]).tolist()]
 
 
-def _gathered_w_norms(weights: list[torch.nn.Parameter]) -> torch.Tensor:
+def _gathered_w_norms(weights: list[torch.nn.Parameter]) -> list[float]:
     """Base weight norms; under ZeRO-3 the frozen weights are gathered (collective)."""
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(weights, modifier_rank=None):
-        return _w_norms([w.detach().float().clone() for w in weights])
+        return _w_norms(weights)

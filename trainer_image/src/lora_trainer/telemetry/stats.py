@@ -1,7 +1,8 @@
 """LoRA/Adam statistics as pure functions over tensors (no I/O, no distributed calls).
 
-Everything is computed on the tensors' device and stacked, so that one collection costs a
-single device-to-host transfer (`summarise` calls `.tolist()` exactly once).
+Everything is computed on the device into one flat vector of per-matrix sums (`pack`), so a
+collection costs one all-reduce across ranks (ZeRO-1/2) and one device-to-host transfer;
+`unpack` turns the host copy into StepStats.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -56,62 +57,21 @@ def dw_rel_materialised(
     return ratio
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: Any) -> tuple[str, ...]:
+    """Dataclass field names (cached: `asdict` deep-copies and is 5x slower)."""
+    if cls not in _FIELD_NAMES:
+        _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return _FIELD_NAMES[cls]
+
+
 @dataclass(frozen=True)
 class MatrixKey:
     layer: int
     module: str
     matrix: str  # "A" or "B"
-
-
-@dataclass
-class GradPart:
-    """Gradient statistics still on the device (taken before the step, before clipping)."""
-
-    norms: torch.Tensor  # [n] L2 norm per matrix (0 where the grad is None)
-    zero_fraction: torch.Tensor  # [n] fraction of elements exactly 0
-    nonfinite: torch.Tensor  # [] count of non-finite grad elements (all tracked tensors)
-    extra_sq: torch.Tensor  # [] sum of squared grad norms of other trainable params
-    none: list[bool]  # per matrix: grad is None
-
-
-def grad_part(
-    grads: Sequence[torch.Tensor | None],
-    extra: Sequence[torch.Tensor | None] = (),
-    device: torch.device | None = None,
-) -> GradPart:
-    """Per-matrix grad norm and exact-zero fraction, batched (torch._foreach_norm); no sync."""
-    dev = device or next((g.device for g in grads if g is not None), torch.device("cpu"))
-    present = [g for g in grads if g is not None]
-    norms_p = _norms(present, dev)
-    zeros_p = (
-        torch.stack([(g == 0).sum().float() / max(g.numel(), 1) for g in present]).to(dev)
-        if present
-        else torch.zeros(0, device=dev)
-    )
-    idx = [i for i, g in enumerate(grads) if g is not None]
-    norms = torch.zeros(len(grads), device=dev)
-    zero_fraction = torch.zeros(len(grads), device=dev)
-    if idx:
-        where = torch.tensor(idx, device=dev)
-        norms = norms.index_copy(0, where, norms_p)
-        zero_fraction = zero_fraction.index_copy(0, where, zeros_p)
-    others = [g for g in extra if g is not None]
-    all_present = present + others
-    nonfinite = (
-        torch.stack([(~torch.isfinite(g)).sum().float().to(dev) for g in all_present]).sum()
-        if all_present
-        else torch.zeros((), device=dev)
-    )
-    extra_sq = (_norms(others, dev) ** 2).sum()
-    return GradPart(norms, zero_fraction, nonfinite, extra_sq, [g is None for g in grads])
-
-
-def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(0, device=device)
-    same = all(t.device == device for t in tensors)
-    ts = list(tensors) if same else [t.to(device) for t in tensors]
-    return torch.stack([n.float() for n in torch._foreach_norm(ts)])
 
 
 @dataclass(frozen=True)
@@ -133,7 +93,7 @@ class MatrixStats:
     lr_sum: float  # cumulative lr of this matrix's param group, through this step
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
 
 @dataclass(frozen=True)
@@ -143,7 +103,7 @@ class ModuleStats:
     dw_rel: float  # ||scale * B @ A||_F / ||W||_F after the step
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
 
 @dataclass
@@ -176,134 +136,265 @@ class StepStats:
         }
 
 
-def summarise(
-    step: int,
-    keys: Sequence[MatrixKey],
-    grads: GradPart,
-    before: Sequence[torch.Tensor],
-    after: Sequence[torch.Tensor],
+# -- batched reductions over flattened fragments -------------------------------------------
+#
+# Every tracked matrix contributes one fragment: the whole tensor in a plain run, the slice
+# this rank owns under ZeRO-1/2. The fragments are copied into one fp32 buffer laid out as
+# full matrices grouped by size (zeros where this rank owns nothing), so that each statistic
+# is one row-sum per size group (no atomics, a few dozen kernels whatever the number of
+# layers), and sums of squares and counts add up exactly across ranks in one all_reduce.
+
+
+GRAD_ROWS = 2  # sum of squares, exact-zero count
+PARAM_ROWS = 5  # before sq, after sq, update sq, exp_avg sq, exp_avg_sq sum
+SCALARS = 4  # non-finite grad, non-finite param, non-finite exp_avg_sq, other params' grad sq
+
+
+class Segments:
+    """The layout of the concatenated matrices (and, under ZeRO, this rank's slices)."""
+
+    def __init__(
+        self,
+        numels: Sequence[int],
+        device: torch.device,
+        spans: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        """`numels`: full element count per matrix. `spans`: per matrix, (start, length) of
+        the slice this rank holds (None: every fragment is the whole matrix)."""
+        self.n = len(numels)
+        self.numels = list(numels)
+        self.device = device
+        self.spans = list(spans) if spans is not None else None
+        self.order = sorted(range(self.n), key=lambda i: self.numels[i])  # stable
+        self.groups: list[tuple[int, int, int]] = []  # (offset, count, numel)
+        offsets = [0] * self.n
+        pos = 0
+        for i in self.order:
+            numel = self.numels[i]
+            offsets[i] = pos
+            if self.groups and self.groups[-1][2] == numel:
+                off, k, _ = self.groups[-1]
+                self.groups[-1] = (off, k + 1, numel)
+            else:
+                self.groups.append((pos, 1, numel))
+            pos += numel
+        self.total = pos
+        inv = [0] * self.n
+        for rank, i in enumerate(self.order):
+            inv[i] = rank
+        self.inv = torch.tensor(inv, dtype=torch.int64, device=device)
+        held = [s[1] for s in self.spans] if self.spans is not None else self.numels
+        pad = [float(full - h) for full, h in zip(self.numels, held, strict=True)]
+        self.pad = torch.tensor(pad, device=device)  # elements this rank does not hold
+        self.dst: torch.Tensor | None = None
+        if self.spans is not None:
+            idx = [
+                torch.arange(offsets[i] + self.spans[i][0], offsets[i] + sum(self.spans[i]))
+                for i in self.order
+            ]
+            self.dst = torch.cat(idx).to(device) if idx else torch.zeros(0, dtype=torch.int64)
+
+    def _held(self, i: int) -> int:
+        return self.spans[i][1] if self.spans is not None else self.numels[i]
+
+    def flat(self, fragments: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The fp32 buffer of all matrices (missing fragments and unheld slices are 0)."""
+        parts = [
+            f.reshape(-1) if f is not None else torch.zeros(self._held(i), device=self.device)
+            for i in self.order
+            if self._held(i) > 0
+            for f in (fragments[i],)
+        ]
+        if not parts:
+            return torch.zeros(self.total, device=self.device)
+        if len({(p.dtype, p.device) for p in parts}) == 1:
+            held = torch.cat(parts).to(self.device, torch.float32)
+        else:
+            held = torch.cat([p.to(self.device, torch.float32) for p in parts])
+        if self.dst is None:
+            return held
+        buf = torch.zeros(self.total, device=self.device)
+        return buf.index_copy_(0, self.dst, held)
+
+    def sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-matrix sums (matrix order) of a buffer laid out like `flat`'s."""
+        if not self.groups:
+            return torch.zeros(self.n, device=self.device)
+        rows = [
+            values[off : off + k * numel].view(k, numel).sum(1) for off, k, numel in self.groups
+        ]
+        return torch.cat(rows).index_select(0, self.inv)
+
+    def zero_counts(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-matrix count of exact zeros among the elements this rank holds."""
+        return self.sums((values == 0).float()) - self.pad
+
+
+def nonfinite_count(x: torch.Tensor) -> torch.Tensor:
+    return (~torch.isfinite(x)).sum().float()
+
+
+def grad_sums(
+    seg: Segments,
+    grads: Sequence[torch.Tensor | None],
+    extra: Sequence[torch.Tensor | None] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([2, n] per-matrix grad sum of squares and exact-zero count, [2] scalars:
+    non-finite grad elements (tracked and other params), other params' grad sum of squares).
+    No host sync."""
+    g = seg.flat(grads)
+    rows = torch.stack([seg.sums(g * g), seg.zero_counts(g)])
+    others = [e for e in extra if e is not None]
+    nonfinite = nonfinite_count(g)
+    extra_sq = torch.zeros((), device=seg.device)
+    if others:
+        norms = torch._foreach_norm([e.to(seg.device) for e in others])
+        extra_sq = torch.stack([n.float() ** 2 for n in norms]).sum()
+        nonfinite = nonfinite + sum(nonfinite_count(e.to(seg.device)) for e in others)
+    return rows, torch.stack([nonfinite, extra_sq])
+
+
+def param_sums(
+    seg: Segments,
+    before: torch.Tensor,
+    after: Sequence[torch.Tensor | None],
     exp_avg: Sequence[torch.Tensor | None],
     exp_avg_sq: Sequence[torch.Tensor | None],
-    pairs: Sequence[tuple[int, int, float]],
-    w_norms: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([5, n] per-matrix sums: before^2, after^2, (after-before)^2, exp_avg^2, exp_avg_sq;
+    [2] scalars: non-finite param elements, non-finite exp_avg_sq elements). `before` is
+    `seg.flat(params)` taken before the step. No host sync."""
+    p = seg.flat(after)
+    d = p - before
+    m = seg.flat(exp_avg)
+    v = seg.flat(exp_avg_sq)
+    rows = torch.stack(
+        [seg.sums(before * before), seg.sums(p * p), seg.sums(d * d), seg.sums(m * m), seg.sums(v)]
+    )
+    return rows, torch.stack([nonfinite_count(p), nonfinite_count(v)])
+
+
+def pack(
+    grad_rows: torch.Tensor,
+    grad_scalars: torch.Tensor,
+    param_rows: torch.Tensor,
+    param_scalars: torch.Tensor,
+) -> torch.Tensor:
+    """One flat vector of sums: what ranks all-reduce (SUM) under ZeRO-1/2."""
+    scalars = torch.stack([grad_scalars[0], param_scalars[0], param_scalars[1], grad_scalars[1]])
+    return torch.cat([grad_rows.reshape(-1), param_rows.reshape(-1), scalars])
+
+
+def shape_groups(shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[list[int]]:
+    """Module indices grouped by (A shape, B shape), so each group is one batched matmul."""
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for j, key in enumerate(shapes):
+        groups.setdefault(key, []).append(j)
+    return list(groups.values())
+
+
+def delta_w_sq_grouped(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], groups: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """||B_j @ A_j||_F^2 of every module, batched per shape group (bmm of r x r Grams);
+    the result is in the order of the concatenated groups."""
+    out = []
+    for idx in groups:
+        big_a = torch.stack([a[j].detach() for j in idx]).float()  # [k, r, in]
+        big_b = torch.stack([b[j].detach() for j in idx]).float()  # [k, out, r]
+        gram_a = torch.bmm(big_a, big_a.transpose(1, 2))
+        gram_b = torch.bmm(big_b.transpose(1, 2), big_b)
+        out.append((gram_a * gram_b).sum((1, 2)).clamp_min(0.0))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a packed vector describes: matrices, their full sizes, modules."""
+
+    keys: Sequence[MatrixKey]
+    numels: Sequence[int]  # full element count per matrix (not per fragment)
+    pairs: Sequence[tuple[int, int, float]]  # (A index, B index, scale) per module
+    module_order: Sequence[int]  # module index of each ||B@A||^2 value, as packed
+    w_norms: Sequence[float]  # ||W||_F of each module's frozen base weight
+
+
+def unpack(
+    values: Sequence[float],
+    layout: Layout,
+    step: int,
+    none: Sequence[bool],
+    have_state: Sequence[bool],
     init_norms: Sequence[float] | None,
     lr: Sequence[float],
     lr_sum: Sequence[float],
     matrix_group: Sequence[int],
 ) -> StepStats:
-    """Combine the pre-step grad part with post-step params/Adam state; ONE host sync.
-
-    `pairs[j]` = (index of A, index of B, scale) of adapted module j, whose base weight norm
-    is `w_norms[j]`. `init_norms` None means: this is the first collection, `before` is the
-    initial state.
-    """
-    n = len(keys)
-    dev = grads.norms.device
-    before_n = _norms(before, dev)
-    after_n = _norms(after, dev)
-    diffs = torch._foreach_sub([a.to(dev) for a in after], [b.to(dev) for b in before])
-    upd = _norms(diffs, dev) / before_n  # inf when p moved off 0, NaN when it stayed 0
-    have_m = [t is not None for t in exp_avg]
-    have_v = [t is not None for t in exp_avg_sq]
-    m_norm = _norms([t for t in exp_avg if t is not None], dev)
-    present_v = [t for t in exp_avg_sq if t is not None]
-    v_mean = (
-        torch.stack([t.float().mean().to(dev) for t in present_v])
-        if present_v
-        else torch.zeros(0, device=dev)
-    )
-    nf_param = _nonfinite(after, dev)
-    nf_v = _nonfinite(present_v, dev)
-    dws = (
-        torch.stack(
-            [
-                dw_rel(after[a].to(dev), after[b].to(dev), w_norms[j], s)
-                for j, (a, b, s) in enumerate(pairs)
-            ]
-        )
-        if pairs
-        else torch.zeros(0, device=dev)
-    )
-    total = ((grads.norms**2).sum() + grads.extra_sq).sqrt()
-    scalars = torch.stack([total, grads.nonfinite.float(), nf_param, nf_v])
-    flat = torch.cat(
-        [
-            grads.norms.float(),
-            grads.zero_fraction.float(),
-            before_n,
-            after_n,
-            upd,
-            m_norm,
-            v_mean,
-            dws,
-            scalars,
-        ]
-    ).tolist()  # the one device-to-host sync
-    pos = 0
-
-    def take(k: int) -> list[float]:
-        nonlocal pos
-        out = flat[pos : pos + k]
-        pos += k
-        return out
-
-    g_norm, g_zero, b_norm, a_norm, u_ratio = (take(n) for _ in range(5))
-    m_vals, v_vals = iter(take(len(m_norm))), iter(take(len(v_mean)))
-    dw_vals = take(len(pairs))
-    total_v, nf_g, nf_p, nf_vv = take(4)
+    """StepStats from the host copy of `pack(...)` followed by the `delta_w_sq_grouped`
+    values; dw_rel = |scale| * sqrt(||B@A||^2) / ||W||."""
+    n = len(layout.keys)
+    rows = [values[i * n : (i + 1) * n] for i in range(GRAD_ROWS + PARAM_ROWS)]
+    g_sq, g_zero, b_sq, a_sq, d_sq, m_sq, v_sum = rows
+    pos = (GRAD_ROWS + PARAM_ROWS) * n
+    nf_g, nf_p, nf_v, extra_sq = values[pos : pos + SCALARS]
+    dw_packed = values[pos + SCALARS :]
+    dws = [0.0] * len(layout.pairs)
+    for j, sq in zip(layout.module_order, dw_packed, strict=True):
+        scale = abs(layout.pairs[j][2])
+        dws[j] = _ratio(scale * _sqrt(sq), layout.w_norms[j])
+    b_norm = [_sqrt(x) for x in b_sq]
     init = list(init_norms) if init_norms is not None else b_norm
     matrices = []
-    for i, key in enumerate(keys):
-        none = grads.none[i]
-        m = next(m_vals) if have_m[i] else None
-        v = next(v_vals) if have_v[i] else None
-        ratio = (
-            a_norm[i] / init[i]
-            if init[i] != 0
-            else (float("nan") if a_norm[i] == 0 else float("inf"))
-        )
+    for i, key in enumerate(layout.keys):
+        numel = max(layout.numels[i], 1)
+        after = _sqrt(a_sq[i])
         matrices.append(
             MatrixStats(
                 layer=key.layer,
                 module=key.module,
                 matrix=key.matrix,
-                grad_norm=None if none else g_norm[i],
-                grad_zero_fraction=None if none else g_zero[i],
-                grad_none=int(none),
-                param_norm=a_norm[i],
+                grad_norm=None if none[i] else _sqrt(g_sq[i]),
+                grad_zero_fraction=None if none[i] else g_zero[i] / numel,
+                grad_none=int(none[i]),
+                param_norm=after,
                 param_norm_init=init[i],
-                param_norm_ratio=ratio,
-                update_ratio=u_ratio[i],
-                exp_avg_norm=m,
-                exp_avg_sq_mean=v,
+                param_norm_ratio=_ratio(after, init[i]),
+                update_ratio=_ratio(_sqrt(d_sq[i]), b_norm[i]),
+                exp_avg_norm=_sqrt(m_sq[i]) if have_state[i] else None,
+                exp_avg_sq_mean=v_sum[i] / numel if have_state[i] else None,
                 lr_sum=lr_sum[matrix_group[i]] if lr_sum else 0.0,
             )
         )
     modules = [
-        ModuleStats(keys[a].layer, keys[a].module, dw_vals[j]) for j, (a, _, _) in enumerate(pairs)
+        ModuleStats(layout.keys[a].layer, layout.keys[a].module, dws[j])
+        for j, (a, _, _) in enumerate(layout.pairs)
     ]
     return StepStats(
         step=step,
         lr=list(lr),
         lr_sum=list(lr_sum),
-        lora_grad_norm=total_v,
-        grad_none=sum(grads.none),
-        nonfinite_grad=int(nf_g),
-        nonfinite_param=int(nf_p),
-        nonfinite_exp_avg_sq=int(nf_vv),
+        lora_grad_norm=_sqrt(sum(g_sq) + extra_sq),
+        grad_none=sum(bool(x) for x in none),
+        nonfinite_grad=_count(nf_g),
+        nonfinite_param=_count(nf_p),
+        nonfinite_exp_avg_sq=_count(nf_v),
         matrices=matrices,
         modules=modules,
     )
 
 
-def _nonfinite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros((), device=device)
-    return torch.stack([(~torch.isfinite(t)).sum().float().to(device) for t in tensors]).sum()
+def _sqrt(x: float) -> float:
+    return math.sqrt(x) if x >= 0 else float("nan")  # NaN stays NaN, inf stays inf
+
+
+def _count(x: float) -> int:
+    return int(x) if math.isfinite(x) else -1
 
 
 def _ratio(num: float, den: float) -> float:
     """num / den with IEEE semantics for den == 0 (inf, or NaN for 0 / 0)."""
     if den != 0:
         return num / den
-    return float("nan") if num == 0 else math.copysign(math.inf, num)
+    if math.isnan(num) or num == 0:
+        return float("nan")
+    return math.copysign(math.inf, num)
