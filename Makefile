@@ -58,9 +58,11 @@ lint: setup
 
 crds: setup
 	$(BIN)/lora-operator crds --dir crds
+	$(PY) -m lora_trainer.telemetry.catalog --write docs/metrics.md
 
 crds-check: setup
 	$(BIN)/lora-operator crds --check --dir crds
+	$(PY) -m lora_trainer.telemetry.catalog --check docs/metrics.md
 
 test: setup lint crds-check tiny-model
 	LORA_OPERATOR_TINY_DIR=$(TINY_DIR) $(PY) -m pytest -m "$(PYTEST_MARKERS)"

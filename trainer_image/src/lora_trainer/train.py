@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -26,15 +28,19 @@ from transformers import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 
+from lora_operator.api.constants import EXIT_HEALTH_STOP
 from lora_operator.api.spec import LoRAFineTuneSpec
 from lora_trainer.config import OutputLayout, resolve_uri
 from lora_trainer.data import Collator, check_stats, load_dataset, prepare_tokenizer
 from lora_trainer.deepspeed_config import build_deepspeed_config
 from lora_trainer.evaluate import generation_metrics
+from lora_trainer.health_monitor import HealthMonitor, HealthStopCallback
+from lora_trainer.launch import mark_health_stop
 from lora_trainer.model import apply_lora, load_base_model, load_tokenizer
 from lora_trainer.telemetry import TelemetryCollector
-from lora_trainer.telemetry.exporter import start_exporter
-from lora_trainer.trace import TraceWriter
+from lora_trainer.telemetry.counters import RankMetrics, RankMetricsCallback
+from lora_trainer.telemetry.exporter import run_info_labels, start_exporter
+from lora_trainer.trace import TraceWriter, read_trace
 
 log = logging.getLogger(__name__)
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -110,9 +116,10 @@ class TraceCallback(TrainerCallback):
         if "loss" in record:
             record["tokens"] = int(state.num_input_tokens_seen)
             record["step_time"] = self.step_time
-            if self.telemetry is not None:
-                record |= self.telemetry.fields(state.global_step)
-        self.writer.write(record)
+        late = None
+        if "loss" in record and self.telemetry is not None:
+            late = functools.partial(self.telemetry.fields, state.global_step)
+        self.writer.write(record, late)
         if "eval_loss" in record or state.global_step % 10 == 0:
             shown = {k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}
             log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
@@ -230,6 +237,9 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
         layout.root.mkdir(parents=True, exist_ok=True)
         layout.data_stats.write_text(json.dumps(data.stats.to_dict(), indent=2))
     telemetry = TelemetryCollector(spec.monitoring.interval_steps)
+    rank_metrics = RankMetrics()
+    monitor = _health_monitor(spec, layout, writer, data, resume is not None)
+    health_stop = HealthStopCallback(monitor, spec.health.evaluation_interval_steps, _world_size())
     trainer = LoRATrainer(
         model=model,
         args=args,
@@ -237,25 +247,52 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
         eval_dataset=data.eval if has_eval else None,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[telemetry, TraceCallback(writer, telemetry)],
+        callbacks=[
+            telemetry,
+            TraceCallback(writer, telemetry),
+            RankMetricsCallback(rank_metrics),
+            health_stop,
+        ],
         generation=_generation_settings(spec, data.eval_conversations) if has_eval else None,
         optimizers=(_loraplus_optimizer(spec, model), None),
     )
     telemetry.attach(trainer)
-    exporter = start_exporter(spec.monitoring, telemetry)
+    exporter = start_exporter(
+        spec.monitoring,
+        telemetry,
+        rank_metrics=rank_metrics,
+        run_info=run_info_labels(spec, spec_hash(spec), _world_size()),
+        data=data.stats.to_dict(),
+        health=monitor,
+    )
     previous = signal.signal(signal.SIGTERM, _Stop.handler)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         signal.signal(signal.SIGTERM, previous)
         exporter.close()
-    if _Stop.requested:
-        return RunResult({"interrupted_at_step": trainer.state.global_step}, True, EXIT_SIGTERM)
+        if writer is not None:
+            writer.drain()
+    if _Stop.requested or health_stop.reason is not None:
+        if writer is not None:
+            writer.close()
+        step = trainer.state.global_step
+        if health_stop.reason is None:
+            return RunResult({"interrupted_at_step": step}, True, EXIT_SIGTERM)
+        log.error("stopped at step %d by the health policy: %s", step, health_stop.reason)
+        mark_health_stop(health_stop.reason)
+        summary = {"health_stop_at_step": step, "reason": health_stop.reason}
+        if monitor is not None:
+            summary["health"] = monitor.report()
+        return RunResult(summary, True, EXIT_HEALTH_STOP)
     final = trainer.evaluate() if has_eval else {}
     trainer.save_model(str(layout.adapter))
     baseline = trainer.history.get(0, {}) if resume is None else {}
     summary = _summary(spec, trainer, data.stats.to_dict(), baseline, final, started, resume)
     summary["adapter"] = str(layout.adapter)  # the directory save_model wrote above
+    if monitor is not None and writer is not None:
+        writer.drain()  # the final evaluation's record reaches the rules
+        summary["health"] = monitor.report()
     if args.process_index == 0:
         if grew:
             tokenizer.save_pretrained(str(layout.adapter))
@@ -263,6 +300,30 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     if writer is not None:
         writer.close()
     return RunResult(summary)
+
+
+def _health_monitor(
+    spec: LoRAFineTuneSpec,
+    layout: OutputLayout,
+    writer: TraceWriter | None,
+    data: Any,
+    resumed: bool,
+) -> HealthMonitor | None:
+    """The rules on global rank 0, fed by the trace writer; a resumed run replays its trace."""
+    if writer is None:
+        return None
+    t = spec.training
+    total = t.max_steps
+    if total is None and t.epochs is not None:
+        per_step = t.micro_batch_size * t.gradient_accumulation_steps * _world_size()
+        total = math.ceil(math.ceil(len(data.train) / per_step) * t.epochs)
+    monitor = HealthMonitor(spec, total, data.stats.to_dict())
+    if resumed and layout.trace.exists():
+        writer.drain()
+        monitor.replay(read_trace(layout.trace))
+    writer.observers.append(monitor.observe)
+    monitor.emit = writer.write
+    return monitor
 
 
 def _brief(stats: dict[str, Any]) -> str:

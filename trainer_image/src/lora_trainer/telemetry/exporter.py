@@ -1,139 +1,226 @@
-"""Prometheus /metrics for the trainer (docs: /work/shared/design/observability.md).
+"""Prometheus /metrics for the trainer (docs: docs/metrics.md, generated from catalog.py).
 
 Local rank 0 of each node serves one registry on `spec.monitoring.port`. It holds the
-multiprocess collector when `PROMETHEUS_MULTIPROC_DIR` is set (per-rank counters/gauges)
-and, on global rank 0, `LoRACollector`: the job-wide statistics of the latest collection
-(per layer/module/matrix when `spec.monitoring.perModule`, medians always).
+per-rank metrics (telemetry.counters: the multiprocess collector when
+`PROMETHEUS_MULTIPROC_DIR` is set, else this process's `RankMetrics`) and, on global rank 0,
+`LoRACollector`: the job-wide families of the catalog (latest LoRA/Adam statistics, run
+info, training data statistics). Every family's name, type, help and labels come from the
+catalog; this module only fills in values.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import logging
+import math
 import os
 import statistics
-from collections.abc import Iterable, Iterator
-from typing import Any
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from lora_operator.api import constants as c
+from lora_trainer.health_monitor import HealthMonitor, HealthSnapshot
+from lora_trainer.telemetry.catalog import (
+    NONFINITE_TENSORS,
+    RUN_INFO_LABELS,
+    MetricDef,
+    job_metrics,
+)
 from lora_trainer.telemetry.collect import TelemetryCollector
-from lora_trainer.telemetry.stats import MatrixStats, StepStats
+from lora_trainer.telemetry.counters import RankMetrics, multiprocess_dir
+from lora_trainer.telemetry.stats import StepStats
+from lora_trainer.trace import json_safe
+
+if TYPE_CHECKING:
+    from lora_operator.api.spec import LoRAFineTuneSpec
 
 log = logging.getLogger(__name__)
-PREFIX = "lora_trainer_"
-MATRIX_LABELS = ["layer", "module", "matrix"]
-
-# (metric suffix, MatrixStats field, help)
-MATRIX_GAUGES = [
-    ("lora_grad_norm", "grad_norm", "L2 norm of the LoRA matrix gradient before clipping."),
-    ("lora_grad_zero_ratio", "grad_zero_fraction", "Fraction of gradient elements exactly 0."),
-    ("lora_param_norm", "param_norm", "L2 norm of the LoRA matrix after the step."),
-    ("lora_param_norm_init_ratio", "param_norm_ratio", "LoRA matrix norm over its initial norm."),
-    ("lora_update_ratio", "update_ratio", "||p_after - p_before|| / ||p_before|| of the step."),
-    ("lora_adam_exp_avg_norm", "exp_avg_norm", "L2 norm of Adam's first moment."),
-    ("lora_adam_exp_avg_sq_mean", "exp_avg_sq_mean", "Mean of Adam's second moment."),
-    ("lora_learning_rate_sum", "lr_sum", "Cumulative learning rate of the matrix's group."),
-]
+Family = CounterMetricFamily | GaugeMetricFamily
 
 
 def _value(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-class LoRACollector(Collector):
-    """Custom collector (global rank 0): families from the collector's latest StepStats."""
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
-    def __init__(self, telemetry: TelemetryCollector, per_module: bool = True) -> None:
+
+def _family(m: MetricDef) -> Family:
+    if m.type == "counter":
+        return CounterMetricFamily(m.family, m.help, labels=m.labels)
+    return GaugeMetricFamily(m.family, m.help, labels=m.labels)
+
+
+def _fill_step(fam: Family, m: MetricDef, s: StepStats) -> None:
+    fam.add_metric([], _value(getattr(s, m.field)))
+
+
+def _fill_count(fam: Family, m: MetricDef, s: StepStats) -> None:
+    fam.add_metric([], len(getattr(s, m.field)))
+
+
+def _fill_group(fam: Family, m: MetricDef, s: StepStats) -> None:
+    for group, value in enumerate(getattr(s, m.field)):
+        fam.add_metric([str(group)], _value(value))
+
+
+def _fill_tensor(fam: Family, m: MetricDef, s: StepStats) -> None:
+    for tensor in NONFINITE_TENSORS:
+        fam.add_metric([tensor], _value(getattr(s, m.field + tensor)))
+
+
+def _fill_matrix_median(fam: Family, m: MetricDef, s: StepStats) -> None:
+    for matrix in ("A", "B"):
+        vals = [_value(getattr(x, m.field)) for x in s.matrices if x.matrix == matrix]
+        fam.add_metric([matrix], _median(vals))
+
+
+def _fill_module_median(fam: Family, m: MetricDef, s: StepStats) -> None:
+    fam.add_metric([], _median([_value(getattr(x, m.field)) for x in s.modules]))
+
+
+def _fill_layer(fam: Family, m: MetricDef, s: StepStats) -> None:
+    squares: dict[tuple[int, str], float] = defaultdict(float)
+    for x in s.matrices:
+        norm = getattr(x, m.field)  # None (no grad) adds nothing to the layer's norm
+        squares[(x.layer, x.matrix)] += 0.0 if norm is None else float(norm) ** 2
+    for (layer, matrix), sq in sorted(squares.items()):
+        fam.add_metric([str(layer), matrix], math.sqrt(sq))
+
+
+def _fill_matrix(fam: Family, m: MetricDef, s: StepStats) -> None:
+    for x in s.matrices:
+        labels = [str(x.layer), x.module, x.matrix]
+        fam.add_metric(labels, _value(getattr(x, m.field)))
+
+
+def _fill_module(fam: Family, m: MetricDef, s: StepStats) -> None:
+    for x in s.modules:
+        fam.add_metric([str(x.layer), x.module], _value(getattr(x, m.field)))
+
+
+# catalog scope -> how a StepStats fills the family
+STEP_FILLERS: dict[str, Callable[[Family, MetricDef, StepStats], None]] = {
+    "step": _fill_step,
+    "count": _fill_count,
+    "group": _fill_group,
+    "tensor": _fill_tensor,
+    "matrix_median": _fill_matrix_median,
+    "module_median": _fill_module_median,
+    "layer": _fill_layer,
+    "matrix": _fill_matrix,
+    "module": _fill_module,
+}
+
+
+class LoRACollector(Collector):
+    """Custom collector (global rank 0): the catalog's job-wide families.
+
+    `run_info`: the labels of lora_trainer_run_info (see `run_info_labels`); `data`: the
+    training split's DataStats as a dict. Families of the latest LoRA statistics appear after
+    the first collection; per-module families only when `per_module`.
+    """
+
+    def __init__(
+        self,
+        telemetry: TelemetryCollector,
+        per_module: bool = True,
+        run_info: Mapping[str, str] | None = None,
+        data: Mapping[str, Any] | None = None,
+        health: HealthMonitor | None = None,
+    ) -> None:
         self.telemetry = telemetry
         self.per_module = per_module
+        self.run_info = run_info
+        self.data = data
+        self.health = health
 
     def collect(self) -> Iterable[Metric]:
         return list(self._families())
 
     def _families(self) -> Iterator[Metric]:
-        trainer = self.telemetry.trainer
-        steps = CounterMetricFamily(PREFIX + "steps", "Optimizer steps done by this process.")
-        steps.add_metric([], float(trainer.state.global_step) if trainer is not None else 0.0)
-        yield steps
         stats = self.telemetry.latest
-        if stats is None:
-            return
-        yield from self._job(stats)
-        yield from self._medians(stats)
-        if self.per_module:
-            yield from self._per_module(stats)
-
-    def _job(self, s: StepStats) -> Iterator[Metric]:
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(PREFIX + name, doc, value=value)
-
-        yield gauge("telemetry_step", "Step of the latest LoRA statistics.", s.step)
-        yield gauge(
-            "telemetry_timestamp_seconds",
-            "Unix time of the latest LoRA statistics.",
-            self.telemetry.latest_time,
-        )
-        yield gauge("loss", "Training loss of the latest collected step.", _value(s.loss))
-        yield gauge("grad_norm", "Total gradient L2 norm before clipping.", s.lora_grad_norm)
-        yield gauge("lora_modules", "Adapted modules.", len(s.modules))
-        yield gauge("lora_grad_none_matrices", "LoRA matrices without a gradient.", s.grad_none)
-        lr = GaugeMetricFamily(
-            PREFIX + "learning_rate", "Learning rate per group.", labels=["group"]
-        )
-        lr_sum = GaugeMetricFamily(
-            PREFIX + "learning_rate_sum", "Cumulative learning rate per group.", labels=["group"]
-        )
-        for g, (now, total) in enumerate(zip(s.lr, s.lr_sum, strict=True)):
-            lr.add_metric([str(g)], now)
-            lr_sum.add_metric([str(g)], total)
-        yield lr
-        yield lr_sum
-        nonfinite = GaugeMetricFamily(
-            PREFIX + "nonfinite_elements",
-            "Non-finite elements at the latest collection.",
-            labels=["tensor"],
-        )
-        nonfinite.add_metric(["grad"], s.nonfinite_grad)
-        nonfinite.add_metric(["param"], s.nonfinite_param)
-        nonfinite.add_metric(["exp_avg_sq"], s.nonfinite_exp_avg_sq)
-        yield nonfinite
-
-    def _medians(self, s: StepStats) -> Iterator[Metric]:
-        for suffix, attr, doc in MATRIX_GAUGES[:5]:
-            fam = GaugeMetricFamily(
-                PREFIX + suffix + "_median", "Median over modules: " + doc, labels=["matrix"]
-            )
-            for matrix in ("A", "B"):
-                vals = [_value(getattr(m, attr)) for m in s.matrices if m.matrix == matrix]
-                fam.add_metric([matrix], statistics.median(vals) if vals else float("nan"))
+        health = self.health.snapshot() if self.health is not None else None
+        for m in job_metrics():
+            if m.per_module and not self.per_module:
+                continue
+            fam = _family(m)
+            if m.scope == "health":
+                if health is None:
+                    continue
+                _fill_health(fam, m, health)
+            elif m.scope == "progress":
+                trainer = self.telemetry.trainer
+                fam.add_metric([], float(trainer.state.global_step) if trainer else 0.0)
+            elif m.scope == "info":
+                if self.run_info is None:
+                    continue
+                fam.add_metric([self.run_info[label] for label in m.labels], 1.0)
+            elif m.scope == "data":
+                if self.data is None:
+                    continue
+                fam.add_metric([], _value(self.data[m.field]))
+            elif stats is None:
+                continue
+            elif m.scope == "collector":
+                fam.add_metric([], _value(getattr(self.telemetry, m.field)))
+            else:
+                STEP_FILLERS[m.scope](fam, m, stats)
             yield fam
-        dw = [m.dw_rel for m in s.modules]
-        yield GaugeMetricFamily(
-            PREFIX + "lora_delta_weight_ratio_median",
-            "Median over modules of ||scale*B@A||_F / ||W||_F.",
-            value=statistics.median(dw) if dw else float("nan"),
-        )
-
-    def _per_module(self, s: StepStats) -> Iterator[Metric]:
-        for suffix, attr, doc in MATRIX_GAUGES:
-            fam = GaugeMetricFamily(PREFIX + suffix, doc, labels=MATRIX_LABELS)
-            for m in s.matrices:
-                fam.add_metric(_labels(m), _value(getattr(m, attr)))
-            yield fam
-        dw = GaugeMetricFamily(
-            PREFIX + "lora_delta_weight_ratio",
-            "||scale*B@A||_F / ||W||_F of the adapted module.",
-            labels=["layer", "module"],
-        )
-        for mod in s.modules:
-            dw.add_metric([str(mod.layer), mod.module], mod.dw_rel)
-        yield dw
 
 
-def _labels(m: MatrixStats) -> list[str]:
-    return [str(m.layer), m.module, m.matrix]
+def _fill_health(fam: Family, m: MetricDef, h: HealthSnapshot) -> None:
+    if m.field == "verdict":
+        for verdict in (c.VERDICT_UNKNOWN, c.VERDICT_HEALTHY, *c.SEVERITIES):
+            fam.add_metric([verdict], 1.0 if verdict == h.verdict else 0.0)
+    elif m.field == "firing":
+        for rule in h.rules:
+            fam.add_metric([rule.rule, rule.severity], 1.0 if rule.firing else 0.0)
+    elif m.field == "last_firing_step":
+        for rule in h.rules:
+            if rule.last_firing_step is not None:
+                fam.add_metric([rule.rule], float(rule.last_firing_step))
+    else:
+        fam.add_metric([], float(h.step))
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def run_info_labels(spec: LoRAFineTuneSpec, spec_hash: str, world_size: int) -> dict[str, str]:
+    """The lora_trainer_run_info labels of a run (bounded: one value per run)."""
+    ds = spec.distributed.deepspeed
+    labels = {
+        "model": spec.model.source,
+        "r": str(spec.lora.r),
+        "alpha": f"{spec.lora.alpha:g}",
+        "target_modules": ",".join(sorted(spec.lora.target_modules)),
+        "zero_stage": str(ds.zero_stage) if ds is not None else "none",
+        "world_size": str(world_size),
+        "device": spec.distributed.device,
+        "precision": spec.training.precision,
+        "torch_version": _version("torch"),
+        "transformers_version": _version("transformers"),
+        "peft_version": _version("peft"),
+        "deepspeed_version": _version("deepspeed"),
+        "trainer_version": _version("lora-operator"),
+        "spec_hash": spec_hash,
+    }
+    return {label: labels[label] for label in RUN_INFO_LABELS}
 
 
 class Exporter:
@@ -151,31 +238,88 @@ class Exporter:
 
 
 def build_registry(
-    telemetry: TelemetryCollector | None, per_module: bool = True
+    telemetry: TelemetryCollector | None,
+    per_module: bool = True,
+    *,
+    rank_metrics: RankMetrics | None = None,
+    run_info: Mapping[str, str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    health: HealthMonitor | None = None,
 ) -> CollectorRegistry:
-    """Multiprocess collector (when configured) plus the LoRA collector (global rank 0)."""
+    """Per-rank metrics (multiprocess files, or this process's) plus the LoRA collector."""
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if multiprocess_dir() is not None:
         from prometheus_client import multiprocess
 
         multiprocess.MultiProcessCollector(registry)
+    elif rank_metrics is not None:
+        registry.register(rank_metrics)
     if telemetry is not None:
-        registry.register(LoRACollector(telemetry, per_module))
+        registry.register(LoRACollector(telemetry, per_module, run_info, data, health))
     return registry
 
 
-def start_exporter(monitoring: Any, telemetry: TelemetryCollector) -> Exporter:
-    """Serve /metrics on monitoring.port from local rank 0; never fails the run."""
+def start_exporter(
+    monitoring: Any,
+    telemetry: TelemetryCollector | None,
+    *,
+    rank_metrics: RankMetrics | None = None,
+    run_info: Mapping[str, str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    health: HealthMonitor | None = None,
+) -> Exporter:
+    """Serve /metrics (and /health on global rank 0) on monitoring.port from local rank 0;
+    never fails the run."""
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return Exporter()
     global_zero = int(os.environ.get("RANK", "0")) == 0
-    registry = build_registry(telemetry if global_zero else None, monitoring.per_module)
-    from prometheus_client import start_http_server
-
+    registry = build_registry(
+        telemetry if global_zero else None,
+        monitoring.per_module,
+        rank_metrics=rank_metrics,
+        run_info=run_info,
+        data=data,
+        health=health if global_zero else None,
+    )
     try:
-        server, _ = start_http_server(monitoring.port, registry=registry)
+        server = serve(monitoring.port, registry, health if global_zero else None)
     except OSError as err:
         log.warning("metrics: cannot serve on port %d: %s", monitoring.port, err)
         return Exporter(registry=registry)
-    log.info("metrics: serving /metrics on port %d", monitoring.port)
+    log.info("metrics: serving /metrics and /health on port %d", monitoring.port)
     return Exporter(server, registry)
+
+
+def serve(
+    port: int, registry: CollectorRegistry, health: HealthMonitor | None
+) -> ThreadingHTTPServer:
+    """GET /metrics (Prometheus text format), /health (JSON; 404 where the rules do not run,
+    i.e. on other ranks than global rank 0), /healthz (liveness: "ok")."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path == "/health" and health is not None:
+                body = json.dumps(json_safe(health.report())).encode()
+                self._send(200, "application/json", body)
+            elif path == "/healthz":
+                self._send(200, "text/plain; charset=utf-8", b"ok\n")
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _send(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            return  # scrapes every 15 s would flood the log
+
+    server = ThreadingHTTPServer(("", port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
