@@ -1,12 +1,14 @@
 """`lora-train`: the program every training pod runs.
 
 lora-train --spec SPEC [--output DIR]        train (one rank; torchrun starts several)
+lora-train --spec SPEC --preflight [--json]  pre-flight checks only (docs/preflight.md)
 lora-train launch [LAUNCH OPTIONS] -- ARGS   the pods' entrypoint (torchrun / deepspeed)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,6 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--spec", type=Path, required=True, help="LoRAFineTune manifest or spec")
     parser.add_argument("--output", type=Path, help="output directory (default: spec.output.uri)")
     parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument(
+        "--preflight",
+        action="store_true",
+        help="only run the pre-flight checks (data, static rules, adapter, a few instrumented "
+        "steps) and print a pass/fail table; exit 0 pass, 10 warn, 20 fail; writes nothing",
+    )
+    parser.add_argument(
+        "--preflight-steps",
+        type=int,
+        default=2,
+        metavar="N",
+        help="instrumented optimizer steps of --preflight (default 2)",
+    )
+    parser.add_argument("--json", action="store_true", help="--preflight: print JSON")
     return parser
 
 
@@ -43,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lora_trainer.data import DataError
 
     try:
-        _, spec = load_spec(args.spec)
+        name, spec = load_spec(args.spec)
+        if args.preflight:
+            return _preflight(spec, name, args.preflight_steps, args.json)
         output = args.output or resolve_uri(spec.output.uri)
         from lora_trainer.train import run
 
@@ -54,6 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.summary.get("final") and int(os.environ.get("RANK", "0")) == 0:
         print(describe_gain(result.summary, output))
     return result.exit_code
+
+
+def _preflight(spec: Any, name: str, steps: int, as_json: bool) -> int:
+    from lora_trainer.preflight import run_preflight
+
+    report = run_preflight(spec, steps=steps, name=name)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+    return report.exit_code
 
 
 def describe_gain(summary: dict[str, Any], output: Path) -> str:

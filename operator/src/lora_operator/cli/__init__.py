@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lora_operator import __version__
 from lora_operator.api import constants as c
-from lora_operator.cli import crds, health, local_api, validate
+from lora_operator.cli import crds, health, local_api, preflight, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     crds.register(commands)
     local_api.register(commands)
     health.register(commands)
+    preflight.register(commands)
     return parser
 
 
