@@ -500,7 +500,17 @@ def test_metrics_endpoint_during_a_real_run(tmp_path: Path, tiny_assets: Any) ->
                 break
             time.sleep(0.2)
         assert "lora_trainer_lora_grad_norm{" in text, "no LoRA metrics while training ran"
-        _check_metrics(_families(text))
+        fams = _families(text)
+        _check_metrics(fams)
+        # every documented family (CUDA-only ones aside; a healthy run has no last firing step)
+        from lora_trainer.telemetry.catalog import CATALOG
+
+        documented = {
+            m.family
+            for m in CATALOG
+            if m.when != "cuda" and m.name != "lora_trainer_health_rule_last_firing_step"
+        }
+        assert documented <= set(fams), sorted(documented - set(fams))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # checkpoints and stops at the step boundary

@@ -281,6 +281,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
             return RunResult({"interrupted_at_step": step}, True, EXIT_SIGTERM)
         log.error("stopped at step %d by the health policy: %s", step, health_stop.reason)
         mark_health_stop(health_stop.reason)
+        _leave_together()
         summary = {"health_stop_at_step": step, "reason": health_stop.reason}
         if monitor is not None:
             summary["health"] = monitor.report()
@@ -299,7 +300,20 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
         layout.summary.write_text(json.dumps(summary, indent=2))
     if writer is not None:
         writer.close()
+    _leave_together()
     return RunResult(summary)
+
+
+def _leave_together() -> None:
+    """All ranks leave the process group together (never after SIGTERM, where ranks may stop
+    at different steps): a rank whose peer exited mid-collective is aborted by gloo/NCCL."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception as err:  # the run itself is done; never fail it here
+            log.warning("distributed shutdown: %s", err)
 
 
 def _health_monitor(
