@@ -15,7 +15,7 @@ TINY_DIR ?= /tmp/lora-operator/tiny
 PYTEST_MARKERS ?= not gpu and not lab_full and not chaos_full
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup demo test lint crds crds-check tiny-model clean
+.PHONY: help setup demo test lint crds crds-check tiny-model lab clean
 
 help:
 	@echo "make demo        set up, then run the main job on the embedded default"
@@ -24,6 +24,7 @@ help:
 	@echo "make crds        regenerate crds/ from the API models"
 	@echo "make crds-check  fail if crds/ drifted from the models"
 	@echo "make tiny-model  regenerate the tiny CPU model and data into $(TINY_DIR)"
+	@echo "make lab         the full failure lab (real CPU training; rewrites bench/results/lab.*)"
 
 setup: $(STAMP)
 
@@ -66,6 +67,11 @@ crds-check: setup
 
 test: setup lint crds-check tiny-model
 	LORA_OPERATOR_TINY_DIR=$(TINY_DIR) $(PY) -m pytest -m "$(PYTEST_MARKERS)"
+
+# The full failure lab (marker lab_full, excluded from make test): every failure mode and
+# healthy variant trained for real on CPU, replayed through the health rules.
+lab: setup tiny-model
+	LORA_OPERATOR_TINY_DIR=$(TINY_DIR) $(PY) -m pytest -m lab_full tests/lab -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

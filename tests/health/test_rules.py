@@ -196,6 +196,19 @@ def test_nan_loss_with_zero_gradient_is_no_supervised_tokens() -> None:
     assert c.RULE_NON_FINITE not in {e.rule for e in timeline.rules}
 
 
+def test_zero_loss_with_zero_gradient_is_no_supervised_tokens() -> None:
+    """transformers 5.23's Trainer logs loss 0.0 (not NaN) when every label is -100
+    (failure lab, labels-masked: loss 0.0 and grad_norm 0.0 on all 100 steps)."""
+    records = [training(s, loss=0.0, grad_norm=0.0) for s in range(1, 11)]
+    timeline = _replay(records)
+    entry = next(e for e in timeline.rules if e.rule == c.RULE_NO_SUPERVISED_TOKENS)
+    assert (entry.severity, entry.first_firing_step) == (c.VERDICT_CRITICAL, 5)
+    assert {e.rule for e in timeline.rules} == {c.RULE_NO_SUPERVISED_TOKENS}
+    # a zero loss with a gradient, or a zero gradient with a loss, is not "nothing supervised"
+    assert _replay([training(s, loss=0.0, grad_norm=0.5) for s in range(1, 11)]).rules == ()
+    assert _replay([training(s, loss=2.0, grad_norm=0.0) for s in range(1, 11)]).rules == ()
+
+
 def _eval_trace(eval_losses: list[float]) -> list[dict[str, Any]]:
     records = [evaluation(0, eval_losses[0])]
     for record in trace(150, loss_at=lambda s: 3.0 - s / 100):
@@ -209,8 +222,10 @@ def test_eval_not_improving_while_train_loss_falls() -> None:
     timeline = _replay(_eval_trace([3.0, 3.0, 3.01, 3.0]))
     entry = timeline.rules[0]
     assert entry.rule == c.RULE_EVAL_NOT_IMPROVING
-    # evals 0, 50, 100 form the first window; it is judged from step 105, three in a row.
-    assert (entry.first_condition_step, entry.first_firing_step) == (105, 115)
+    # evals 0, 50, 100 form the first window, judged from step 105. It fires at once: the
+    # window changes only with a new eval record, so "3 evaluations in a row" would only
+    # delay it (the failure lab's eval-flat run missed its deadline by 4 steps that way).
+    assert (entry.first_condition_step, entry.first_firing_step) == (105, 105)
     assert entry.evidence["values"]["train_loss_fall"] > 0.1
     assert _replay(_eval_trace([3.0, 2.5, 2.0, 1.8])).rules == ()
 

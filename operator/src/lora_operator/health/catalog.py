@@ -23,10 +23,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         c.RULE_NO_SUPERVISED_TOKENS,
-        "The loss is NaN while the gradient is exactly 0: no token of the batches carries a "
-        "label (every label -100).",
+        "The loss is NaN (or exactly 0, as the Hugging Face Trainer of transformers 5 logs "
+        "it) while the gradient is exactly 0: no token of the batches carries a label "
+        "(every label -100).",
         3,
-        "consecutive training steps with a NaN loss and a zero gradient norm",
+        "consecutive training steps with a NaN (or exactly 0) loss and a zero gradient norm",
         "the number of such steps",
         r.check_no_supervised_tokens,
     ),
@@ -92,7 +93,9 @@ RULES: tuple[Rule, ...] = (
         f"{TRAIN_LOSS_SPAN} logged losses) between the first and last eval of the window",
         "train loss fall, eval metrics at the first and last eval, their steps",
         r.check_eval_not_improving,
-        persistent=True,
+        # Not persistent: its condition changes only when an eval record arrives, so three
+        # evaluations in a row would add two evaluation intervals of delay and no evidence
+        # (failure lab, eval-flat: fired at step 65, 4 steps past its deadline).
     ),
     Rule(
         c.RULE_STALLED,

@@ -66,7 +66,7 @@ def check_no_supervised_tokens(w: Window, threshold: float) -> Outcome:
     if w.empty_streak < max(threshold, 1):
         return None
     return Finding(
-        f"loss NaN with a zero gradient on {w.empty_streak} consecutive steps: "
+        f"loss NaN or 0 with a zero gradient on {w.empty_streak} consecutive steps: "
         "no token of the batches is supervised (every label -100?)",
         {"empty_steps": w.empty_streak},
     )

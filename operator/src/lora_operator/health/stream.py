@@ -78,20 +78,24 @@ class StreamState:
         loss, grad = record.loss, record.grad_norm
         if loss is None:
             return
-        if math.isfinite(loss):
+        zero_grad = grad == 0.0 or (
+            grad is None
+            and bool(record.matrices)
+            and all(m.grad_norm == 0.0 for m in record.matrices)
+        )
+        # No supervised token: the gradient is exactly 0 and the loss NaN (0/0) or exactly 0
+        # (the HF Trainer of transformers 5.23 logs 0.0: failure lab, labels-masked).
+        empty = zero_grad and (loss == 0.0 or not math.isfinite(loss))
+        if math.isfinite(loss) and not empty:
             self.recent_losses.append(loss)
             for point in self.evals[-3:]:
                 if point.loss_before is None and len(point.losses_after) < TRAIN_LOSS_SPAN:
                     point.losses_after.append(loss)
             self.nonfinite_streak = self.empty_streak = 0
             return
-        self.nan_loss_steps += 1
-        zero_grad = grad == 0.0 or (
-            grad is None
-            and bool(record.matrices)
-            and all(m.grad_norm == 0.0 for m in record.matrices)
-        )
-        if zero_grad:
+        if not math.isfinite(loss):
+            self.nan_loss_steps += 1
+        if empty:
             self.empty_streak += 1
             self.nonfinite_streak = 0
         else:
