@@ -544,3 +544,19 @@ async def test_the_operators_indexed_job_runs_locally(
     pod0, pod1 = sorted(await cluster.pods("quickstart"), key=lambda p: p["metadata"]["name"])
     assert cluster.log(pod0).strip() == "rank 1 joined: hello"
     assert cluster.log(pod1).strip() == f"joined {pod0['status']['podIP']} nodes 2 r 16"
+
+
+def test_mount_paths_are_rewritten_but_host_paths_below_them_are_not(tmp_path: Path) -> None:
+    """A pod with an emptyDir at /tmp whose interpreter lives under /tmp (a checkout there):
+    the interpreter's path must survive, the pod's own /tmp paths must not."""
+    from lora_operator.local.podproc import Network, make_rewriter
+
+    assert str(tmp_path).startswith("/tmp/")
+    interpreter = tmp_path / "venv" / "bin" / "python"
+    mounts = {"/tmp": "/vol/tmp", "/etc/lora-operator/spec": "/vol/spec"}
+    rewrite = make_rewriter(mounts, "default", None, Network(tmp_path / "hosts"))
+    assert rewrite(str(interpreter)) == str(interpreter)
+    assert rewrite("/tmp") == "/vol/tmp"
+    assert rewrite("--out=/tmp/lora-not-on-this-host/x") == "--out=/vol/tmp/lora-not-on-this-host/x"
+    assert rewrite("/etc/lora-operator/spec/spec.json") == "/vol/spec/spec.json"
+    assert rewrite("/tmpfoo /etc/lora-operator/specs") == "/tmpfoo /etc/lora-operator/specs"

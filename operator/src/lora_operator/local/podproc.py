@@ -17,7 +17,9 @@ Mapping of the pod spec onto the machine:
 - Volumes: configMap and secret (from the API's data, items honoured), emptyDir (a
   directory), persistentVolumeClaim (`<state>/pvcs/<ns>/<claim>`, kept across pods), hostPath
   (the path itself), anything else an empty directory. A mountPath (with subPath) is mapped by
-  rewriting it in env values, command, args and workingDir, like the names; a `/tmp` mount
+  rewriting it in env values, command, args and workingDir, like the names, except paths
+  below it whose first component exists on this machine (e.g. the interpreter of a checkout
+  under /tmp): those are host paths and stay as they are; a `/tmp` mount
   also becomes TMPDIR. The root filesystem, readOnly, resources, probes and security
   contexts are not emulated.
 - Env: the runner's own environment, then HOSTNAME, envFrom, env with value / $(VAR)
@@ -105,7 +107,9 @@ def make_rewriter(
     paths = sorted((p for p in mounts if p != "/"), key=len, reverse=True)
     if paths:
         alternatives.append(
-            r"(?<![\w./-])(?P<path>" + "|".join(re.escape(p) for p in paths) + r")(?=/|$|[^\w.-])"
+            r"(?<![\w./-])(?P<path>"
+            + "|".join(re.escape(p) for p in paths)
+            + r")(?P<tail>/[^\s:;,'\"=]*)?(?![\w.-])"
         )
     if subdomain:
         sub, ns = re.escape(subdomain), re.escape(namespace)
@@ -125,12 +129,22 @@ def make_rewriter(
     def replace(m: re.Match[str]) -> str:
         groups = m.groupdict()
         if groups.get("path"):
-            return mounts[groups["path"]]
+            path, tail = groups["path"], groups.get("tail") or ""
+            if _host_path(path, tail):
+                return m.group(0)
+            return mounts[path] + tail
         if groups.get("host"):
             return network.ip_for(f"{groups['host']}.{subdomain}.{namespace}.{CLUSTER_DOMAIN}")
         return network.ip_for(groups["fqdn"])
 
     return lambda text: pattern.sub(replace, text)
+
+
+def _host_path(mount_path: str, tail: str) -> bool:
+    """A path below a mount whose first component exists on this machine is a host path
+    (the local interpreter or checkout under /tmp, say), not the pod's: left alone."""
+    first = tail.lstrip("/").split("/", 1)[0]
+    return bool(first) and os.path.exists(os.path.join(mount_path, first))
 
 
 def expand(text: str, env: dict[str, str]) -> str:
