@@ -38,6 +38,17 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def tiny_assets() -> Any:
+    """The tiny model, tokenizer and data under $LORA_OPERATOR_TINY_DIR (default
+    /tmp/lora-operator/tiny), built once and cached (`make tiny-model` builds it for CI)."""
+    from lora_trainer.tiny import build_tiny_assets  # torch: only for tests that train
+
+    return build_tiny_assets(
+        Path(os.environ.get("LORA_OPERATOR_TINY_DIR", "/tmp/lora-operator/tiny"))
+    )
+
+
+@pytest.fixture(scope="session")
 def quickstart_body() -> dict[str, Any]:
     body: dict[str, Any] = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
     return body

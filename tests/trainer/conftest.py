@@ -1,22 +1,12 @@
-"""Trainer fixtures: the tiny deterministic model, tokenizer and data (built once, cached)."""
+"""Trainer fixtures (the tiny assets themselves: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lora_trainer.tiny import TinyAssets, build_tiny_assets
-
-
-@pytest.fixture(scope="session")
-def tiny_assets() -> TinyAssets:
-    """The tiny assets under $LORA_OPERATOR_TINY_DIR (default /tmp/lora-operator/tiny)."""
-    return build_tiny_assets(
-        Path(os.environ.get("LORA_OPERATOR_TINY_DIR", "/tmp/lora-operator/tiny"))
-    )
+from lora_trainer.tiny import TinyAssets
 
 
 @pytest.fixture

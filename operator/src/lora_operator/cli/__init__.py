@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lora_operator import __version__
 from lora_operator.api import constants as c
-from lora_operator.cli import crds, health, local_api, preflight, validate
+from lora_operator.cli import crds, health, local_api, preflight, run, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     local_api.register(commands)
     health.register(commands)
     preflight.register(commands)
+    run.register(commands)
     return parser
 
 
