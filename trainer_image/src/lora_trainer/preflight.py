@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,8 +30,17 @@ import torch
 
 from lora_operator.api import constants as c
 from lora_operator.api.spec import LoRAFineTuneSpec
-from lora_operator.health import RULES_BY_NAME, HealthConfig
-from lora_operator.health.window import Finding, Window
+from lora_operator.health import HealthConfig
+from lora_operator.health.preflight import (
+    EXIT_CODES,
+    FAIL,
+    PASS,
+    RANK,
+    WARN,
+    render_table,
+    rule_check,
+)
+from lora_operator.health.window import Window
 from lora_trainer.config import SpecError, resolve_uri
 from lora_trainer.data import (
     IGNORE_INDEX,
@@ -46,13 +55,6 @@ from lora_trainer.telemetry.collect import Tracked, find_lora
 
 log = logging.getLogger(__name__)
 
-PASS, WARN, FAIL = "pass", "warn", "fail"
-_RANK = {PASS: 0, WARN: 1, FAIL: 2}
-EXIT_CODES = {
-    PASS: c.EXIT_VERDICT_HEALTHY,
-    WARN: c.EXIT_VERDICT_WARNING,
-    FAIL: c.EXIT_VERDICT_DEGRADED,
-}
 # A truncated sample lost the end of its first exchange (whole later turns are dropped
 # instead, see data._fit); more than this fraction of them means maxLength is too small.
 TRUNCATION_WARN = 0.05
@@ -88,7 +90,7 @@ class PreflightReport:
     def verdict(self) -> str:
         worst = PASS
         for check in self.checks:
-            if _RANK[check.status] > _RANK[worst]:
+            if RANK[check.status] > RANK[worst]:
                 worst = check.status
         return worst
 
@@ -110,24 +112,6 @@ class PreflightReport:
         return render_table(self.to_dict())
 
 
-def render_table(report: Mapping[str, Any]) -> str:
-    """The pass/fail table of a report (or its JSON form); messages under warn/fail rows."""
-    checks: Sequence[Mapping[str, str]] = report["checks"]
-    heads = ("STATUS", "CHECK", "MEASURED", "EXPECTED")
-    rows = [(ch["status"].upper(), ch["name"], ch["measured"], ch["expected"]) for ch in checks]
-    widths = [max([len(heads[i])] + [len(r[i]) for r in rows]) for i in range(3)] + [0]
-    lines = [f"preflight {report.get('name') or ''}".rstrip()]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip())
-    for check, row in zip(checks, rows, strict=True):
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-        if check["status"] != PASS and check.get("message"):
-            lines.append(f"        -> {check['message']}")
-    lines += [f"skipped: {s}" for s in report.get("skipped", [])]
-    lines += [f"note: {n}" for n in report.get("notes", [])]
-    lines.append(f"verdict: {str(report['verdict']).upper()} (exit {report['exit_code']})")
-    return "\n".join(lines)
-
-
 # --- the health package's static and data rules ------------------------------------------
 
 
@@ -142,32 +126,7 @@ def rule_checks(
     window = Window(step=0, config=config, data_stats=data_stats)
     names = [c.RULE_STATIC_CONFIG] + ([c.RULE_DATA_QUALITY] if data_stats is not None else [])
     for name in names:
-        rule, settings = RULES_BY_NAME[name], config.settings(name)
-        label = f"rule {name}"
-        if not settings.enabled or rule.check is None:
-            report.add(label, PASS, "disabled", "-", f"disabled in spec.health.rules ({name})")
-            continue
-        threshold = rule.threshold if settings.threshold is None else settings.threshold
-        outcome = rule.check(window, threshold)
-        expected = _rule_expectation(name, threshold)
-        if not isinstance(outcome, Finding):
-            report.add(label, PASS, "no finding", expected)
-            continue
-        severity = settings.severity or rule.severity
-        status = WARN if severity == c.VERDICT_WARNING else FAIL
-        report.add(
-            label,
-            status,
-            outcome.message,
-            expected,
-            f"{severity}: {outcome.message}; see docs/runbooks/{name}.md",
-        )
-
-
-def _rule_expectation(name: str, threshold: float) -> str:
-    if name == c.RULE_STATIC_CONFIG:
-        return f"alpha/sqrt(r) >= {threshold:g}, warmup < total, lr > 0"
-    return f"pad labels <= {threshold:.0%}, every sample supervised"
+        report.add(**rule_check(name, config, window))
 
 
 # --- entry point ---------------------------------------------------------------------------

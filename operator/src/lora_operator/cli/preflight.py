@@ -13,23 +13,16 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lora_operator.api import constants as c
 from lora_operator.api.spec import LoRAFineTuneSpec
-from lora_operator.health import RULES_BY_NAME, HealthConfig
-from lora_operator.health.window import Finding, Window
+from lora_operator.health import HealthConfig
+from lora_operator.health.preflight import EXIT_CODES, render_table, rule_check
+from lora_operator.health.window import Window
 from lora_operator.validation import validate_file
 
-PASS, WARN, FAIL = "pass", "warn", "fail"
-_RANK = {PASS: 0, WARN: 1, FAIL: 2}
-EXIT_CODES = {
-    PASS: c.EXIT_VERDICT_HEALTHY,
-    WARN: c.EXIT_VERDICT_WARNING,
-    FAIL: c.EXIT_VERDICT_DEGRADED,
-}
 NO_TRAINER = (
     "the trainer (lora_trainer with torch) is not installed here: only the static checks ran; "
     "run `lora-train --spec SPEC --preflight` in the trainer image for the data, adapter and "
@@ -129,22 +122,7 @@ def run_trainer(spec_path: Path, steps: int) -> dict[str, Any] | None:
 def static_report(spec: LoRAFineTuneSpec, name: str) -> dict[str, Any]:
     """The checks that need neither the model nor the data: the StaticConfig rule."""
     config = HealthConfig.from_spec(spec.health, spec.training, spec.lora)
-    rule = RULES_BY_NAME[c.RULE_STATIC_CONFIG]
-    settings = config.settings(rule.name)
-    threshold = rule.threshold if settings.threshold is None else settings.threshold
-    expected = f"alpha/sqrt(r) >= {threshold:g}, warmup < total, lr > 0"
-    check = {"name": f"rule {rule.name}", "expected": expected}
-    if not settings.enabled or rule.check is None:
-        check |= {"status": PASS, "measured": "disabled", "message": ""}
-    else:
-        outcome = rule.check(Window(step=0, config=config), threshold)
-        if isinstance(outcome, Finding):
-            severity = settings.severity or rule.severity
-            status = WARN if severity == c.VERDICT_WARNING else FAIL
-            message = f"{severity}: {outcome.message}; see docs/runbooks/{rule.name}.md"
-            check |= {"status": status, "measured": outcome.message, "message": message}
-        else:
-            check |= {"status": PASS, "measured": "no finding", "message": ""}
+    check = rule_check(c.RULE_STATIC_CONFIG, config, Window(step=0, config=config))
     verdict = check["status"]
     return {
         "name": name,
@@ -154,21 +132,3 @@ def static_report(spec: LoRAFineTuneSpec, name: str) -> dict[str, Any]:
         "skipped": ["data, adapter and instrumented steps: not run here"],
         "notes": [],
     }
-
-
-def render_table(report: Mapping[str, Any]) -> str:
-    """The pass/fail table (the same layout as `lora-train --preflight`)."""
-    checks: Sequence[Mapping[str, str]] = report["checks"]
-    heads = ("STATUS", "CHECK", "MEASURED", "EXPECTED")
-    rows = [(ch["status"].upper(), ch["name"], ch["measured"], ch["expected"]) for ch in checks]
-    widths = [max([len(heads[i])] + [len(r[i]) for r in rows]) for i in range(3)] + [0]
-    lines = [f"preflight {report.get('name') or ''}".rstrip()]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip())
-    for check, row in zip(checks, rows, strict=True):
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-        if check["status"] != PASS and check.get("message"):
-            lines.append(f"        -> {check['message']}")
-    lines += [f"skipped: {s}" for s in report.get("skipped", [])]
-    lines += [f"note: {n}" for n in report.get("notes", [])]
-    lines.append(f"verdict: {str(report['verdict']).upper()} (exit {report['exit_code']})")
-    return "\n".join(lines)
