@@ -246,10 +246,10 @@ class TelemetryCollector(TrainerCallback):
             fragments = all(hasattr(p, "_hp_mapping") for p in self.tracked.params)
             stage = int(engine.zero_optimization_stage())
             if fragments and stage in (1, 2):
-                self._wrap_engine_fragments(engine)
+                self._wrap_engine(engine, self._collect_fragments)
                 self.mode = "zero-fragments"
             else:
-                self._wrap_engine_gathered(engine)
+                self._wrap_engine(engine, self._collect_gathered)
                 self.mode = "zero-gathered"
         else:
             if trainer.optimizer is None:
@@ -362,12 +362,12 @@ class TelemetryCollector(TrainerCallback):
         packed = pack(grads[0], grads[1], rows, scalars)
         self._dispatch(packed, params, self._none, [v is not None for v in exp_avg_sq])
 
-    # -- DeepSpeed ZeRO-1/2: this rank's fragments, one all_reduce -----------------------
+    # -- DeepSpeed: the engine step wrapped (ZeRO-1/2 fragments, or gathered tensors) -----
 
-    def _wrap_engine_fragments(self, engine: Any) -> None:
+    def _wrap_engine(self, engine: Any, collect: Callable[[Callable[[], Any]], Any]) -> None:
+        """Wrap the engine's step: at an accumulation boundary the lr is summed and, when a
+        collection is due, `collect(run_step)` runs around the real step."""
         original = engine.step
-        params = self.tracked.params
-        extra = self.tracked.extra
 
         def step(*args: Any, **kwargs: Any) -> Any:
             if not engine.is_gradient_accumulation_boundary():
@@ -375,82 +375,76 @@ class TelemetryCollector(TrainerCallback):
             self._accumulate_lr([float(x) for x in engine.get_lr()])
             if not self.due(self._step_after()):
                 return original(*args, **kwargs)
-            if self._seg is None:
-                numels = [p.numel() for p in params]
-                spans = [_fragment_span(p) for p in params]
-                self._setup(numels, params[0].device, _w_norms(self.tracked.bases), spans)
-            seg = self._seg
-            assert seg is not None
-            g_rows, g_scalars = grad_sums(
-                seg, [_grad_fragment(p) for p in params], [_grad_fragment(p) for p in extra]
-            )
-            before = seg.flat([_hp_fragment(p) for p in params])
-            out = original(*args, **kwargs)
-            v_frags = [_state_fragment(p, "exp_avg_sq") for p in params]
-            p_rows, p_scalars = param_sums(
-                seg,
-                before,
-                [_hp_fragment(p) for p in params],
-                [_state_fragment(p, "exp_avg") for p in params],
-                v_frags,
-            )
-            packed = pack(g_rows, g_scalars, p_rows, p_scalars)
-            group = getattr(params[0], "_dp_group", None) if params else None
-            torch.distributed.all_reduce(packed, group=group)  # every rank, once
-            if self.is_rank_zero:  # full bit16 weights are on every rank after the step
-                have = [
-                    v is not None or _fragment_numel(p) == 0
-                    for v, p in zip(v_frags, params, strict=True)
-                ]
-                self._dispatch(packed, params, [False] * len(params), have)
-            return out
+            return collect(lambda: original(*args, **kwargs))
 
         engine.step = step
 
-    # -- DeepSpeed ZeRO-3 (and anything without fragments): gathered full tensors ---------
+    def _collect_fragments(self, run_step: Callable[[], Any]) -> Any:
+        """ZeRO-1/2: this rank's fragments, one all_reduce."""
+        params, extra = self.tracked.params, self.tracked.extra
+        if self._seg is None:
+            numels = [p.numel() for p in params]
+            spans = [_fragment_span(p) for p in params]
+            self._setup(numels, params[0].device, _w_norms(self.tracked.bases), spans)
+        seg = self._seg
+        assert seg is not None
+        g_rows, g_scalars = grad_sums(
+            seg, [_grad_fragment(p) for p in params], [_grad_fragment(p) for p in extra]
+        )
+        before = seg.flat([_hp_fragment(p) for p in params])
+        out = run_step()
+        v_frags = [_state_fragment(p, "exp_avg_sq") for p in params]
+        p_rows, p_scalars = param_sums(
+            seg,
+            before,
+            [_hp_fragment(p) for p in params],
+            [_state_fragment(p, "exp_avg") for p in params],
+            v_frags,
+        )
+        packed = pack(g_rows, g_scalars, p_rows, p_scalars)
+        group = getattr(params[0], "_dp_group", None) if params else None
+        torch.distributed.all_reduce(packed, group=group)  # every rank, once
+        if self.is_rank_zero:  # full bit16 weights are on every rank after the step
+            have = [
+                v is not None or _fragment_numel(p) == 0
+                for v, p in zip(v_frags, params, strict=True)
+            ]
+            self._dispatch(packed, params, [False] * len(params), have)
+        return out
 
-    def _wrap_engine_gathered(self, engine: Any) -> None:
+    def _collect_gathered(self, run_step: Callable[[], Any]) -> Any:
+        """ZeRO-3 (and anything without fragments): gathered full tensors, collectives on
+        every rank in the same order."""
         from deepspeed.utils import (
             safe_get_full_fp32_param,
             safe_get_full_grad,
             safe_get_full_optimizer_state,
         )
 
-        original = engine.step
         params = self.tracked.params
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if not engine.is_gradient_accumulation_boundary():
-                return original(*args, **kwargs)
-            self._accumulate_lr([float(x) for x in engine.get_lr()])
-            if not self.due(self._step_after()):
-                return original(*args, **kwargs)
-            # collectives: every rank, same order
-            grads = [safe_get_full_grad(p) for p in params]
-            extra = [safe_get_full_grad(p) for p in self.tracked.extra]
-            before_full = [safe_get_full_fp32_param(p) for p in params]
-            if self._seg is None:
-                w_norms = _gathered_w_norms(self.tracked.bases)
-                device = grads[0].device if grads and grads[0] is not None else None
-                numels = [t.numel() for t in before_full]
-                self._setup(numels, device or torch.device("cpu"), w_norms)
-            seg = self._seg
-            assert seg is not None
-            zero = self.is_rank_zero
-            g = grad_sums(seg, grads, extra) if zero else None
-            before = seg.flat(before_full) if zero else None
-            out = original(*args, **kwargs)
-            after = [safe_get_full_fp32_param(p) for p in params]
-            exp_avg = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
-            exp_avg_sq = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
-            if g is not None and before is not None:
-                rows, scalars = param_sums(seg, before, after, exp_avg, exp_avg_sq)
-                packed = pack(g[0], g[1], rows, scalars)
-                have = [v is not None for v in exp_avg_sq]
-                self._dispatch(packed, after, [x is None for x in grads], have)
-            return out
-
-        engine.step = step
+        grads = [safe_get_full_grad(p) for p in params]
+        extra = [safe_get_full_grad(p) for p in self.tracked.extra]
+        before_full = [safe_get_full_fp32_param(p) for p in params]
+        if self._seg is None:
+            w_norms = _gathered_w_norms(self.tracked.bases)
+            device = grads[0].device if grads and grads[0] is not None else None
+            numels = [t.numel() for t in before_full]
+            self._setup(numels, device or torch.device("cpu"), w_norms)
+        seg = self._seg
+        assert seg is not None
+        zero = self.is_rank_zero
+        g = grad_sums(seg, grads, extra) if zero else None
+        before = seg.flat(before_full) if zero else None
+        out = run_step()
+        after = [safe_get_full_fp32_param(p) for p in params]
+        exp_avg = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
+        exp_avg_sq = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
+        if g is not None and before is not None:
+            rows, scalars = param_sums(seg, before, after, exp_avg, exp_avg_sq)
+            packed = pack(g[0], g[1], rows, scalars)
+            have = [v is not None for v in exp_avg_sq]
+            self._dispatch(packed, after, [x is None for x in grads], have)
+        return out
 
     # -- common -------------------------------------------------------------------------
 
