@@ -41,6 +41,7 @@ from unittest import mock
 import yaml
 
 from lora_operator.api import constants as c
+from lora_operator.api.merge import merge_patch
 from lora_operator.health import HealthConfig, replay
 from lora_operator.health.engine import worse
 
@@ -285,19 +286,6 @@ BY_NAME = {v.name: v for v in VARIANTS}
 # --- running and judging -----------------------------------------------------------------------
 
 
-def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """base with patch merged in (JSON merge patch: None deletes a key)."""
-    out = dict(base)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def spec_body(variant: Variant, tiny: Path, workdir: Path, steps: int) -> dict[str, Any]:
     """The run's LoRAFineTune manifest: quickstart + the lab base + the variant's patch."""
     text = (EXAMPLES / "quickstart.yaml").read_text().replace("/tmp/lora-operator/tiny", str(tiny))
@@ -306,9 +294,9 @@ def spec_body(variant: Variant, tiny: Path, workdir: Path, steps: int) -> dict[s
     patch = json.loads(json.dumps(variant.patch))
     if "@EVAL_CASUAL@" in json.dumps(patch):
         patch["dataset"]["evalSource"] = f"file://{eval_other_distribution(workdir)}"
-    spec = deep_merge(deep_merge(BASE_PATCH, {"training": {"maxSteps": steps}}), patch)
+    spec = merge_patch(merge_patch(BASE_PATCH, {"training": {"maxSteps": steps}}), patch)
     spec["output"] = {"uri": f"file://{workdir / variant.name}"}
-    body["spec"] = deep_merge(body["spec"], spec)
+    body["spec"] = merge_patch(body["spec"], spec)
     return body
 
 

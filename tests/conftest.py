@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from collections.abc import Callable
@@ -11,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from lora_operator.api.merge import merge_patch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -25,16 +26,9 @@ def free_port() -> int:
 
 
 def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """base with patch merged in (JSON merge patch: None deletes a key)."""
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    """base with patch merged in (JSON merge patch: None deletes a key); base is unchanged."""
+    merged: dict[str, Any] = merge_patch(base, patch)
+    return merged
 
 
 @pytest.fixture(scope="session")

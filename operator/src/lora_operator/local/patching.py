@@ -14,6 +14,8 @@ from typing import Any
 
 import jsonpatch
 
+from lora_operator.api.merge import merge_patch
+
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
@@ -63,19 +65,6 @@ def json_patch(target: dict[str, Any], ops: Any) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise PatchError("json patch must leave an object", 422)
     return result
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: objects merge recursively, null removes a key, anything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 def strategic_merge(target: Any, patch: Any) -> Any:
