@@ -4,7 +4,8 @@ It runs every pod whose spec.nodeName is empty or its node name (there is no sch
 once (restartPolicy Never) or restarting containers in place (OnFailure, Always; the
 restartCount goes up). A pod gets phase Pending (waiting for a ConfigMap/Secret it
 references), Running (podIP, containerStatuses, Ready) and then Succeeded or Failed with each
-container's exit code (128+N for a signal), written through the /status subresource.
+container's exit code (128+N for a signal) and termination message (terminationMessagePath /
+terminationMessagePolicy, see podproc.py), written through the /status subresource.
 
 Stopping: a pod that gets a deletionTimestamp (it has finalizers, e.g. a Job's
 job-tracking one) or disappears from the API has its process groups sent SIGTERM, then
@@ -16,7 +17,9 @@ Each pod gets its own loopback IP (127.0.X.Y). Pod DNS names
 (`<hostname>.<subdomain>[.<ns>.svc[.cluster.local]]`) resolve by rewriting them to the IP in
 env values, command, args and workingDir (works for any program), plus a sitecustomize hook
 on PYTHONPATH that resolves them in Python processes from the runner's hosts file (names
-composed at run time). See podproc.py for how a pod maps to processes, volumes and env.
+composed at run time); the same hook moves a Python server's wildcard bind on one of the
+pod's declared TCP containerPorts to the pod's IP, so pods can serve the same port. See
+podproc.py for how a pod maps to processes, volumes, ports and env.
 """
 
 from __future__ import annotations

@@ -13,7 +13,12 @@ Mapping of the pod spec onto the machine:
   known pod FQDN) is replaced by the IP, so non-Python resolvers (torchrun's TCPStore, curl)
   work unmodified; (2) for Python processes, a sitecustomize on PYTHONPATH (hosthook/)
   resolves names composed at run time from the runner's hosts file, with the pod's DNS
-  search list. Processes that bind 0.0.0.0 still share the machine's ports.
+  search list. Ports: a Python process that binds a TCP socket (AF_INET) to the wildcard
+  address ('' or 0.0.0.0) on one of the pod's declared TCP containerPorts
+  ($LORA_LOCAL_POD_PORTS) binds the pod's IP instead (the hook wraps socket.socket.bind), so
+  pods serving the same containerPort run side by side, each at `<podIP>:<port>`. Other ports,
+  explicit addresses, IPv6 and non-Python programs still share the machine's ports, and a
+  server moved to the pod IP is not reachable at 127.0.0.1 from its own pod.
 - Volumes: configMap and secret (from the API's data, items honoured), emptyDir (a
   directory), persistentVolumeClaim (`<state>/pvcs/<ns>/<claim>`, kept across pods), hostPath
   (the path itself), anything else an empty directory. A mountPath (with subPath) is mapped by
@@ -22,6 +27,13 @@ Mapping of the pod spec onto the machine:
   under /tmp): those are host paths and stay as they are; a `/tmp` mount
   also becomes TMPDIR. The root filesystem, readOnly, resources, probes and security
   contexts are not emulated.
+- Termination messages: each container's terminationMessagePath (default
+  /dev/termination-log) is a file `<container>.termination-log` next to its log, emptied
+  before every start and mapped like a mountPath. When the container terminates, the last
+  4096 bytes of it (at most 12 KiB / number of containers) become
+  state.terminated.message; with terminationMessagePolicy FallbackToLogsOnError, an empty
+  file and a non-zero exit code, the message is the tail of this run's log instead (last 80
+  lines, at most 2048 bytes). No message key when there is nothing.
 - Env: the runner's own environment, then HOSTNAME, envFrom, env with value / $(VAR)
   expansion / fieldRef (metadata.name, namespace, uid, labels['k'], annotations['k'],
   spec.nodeName, spec.serviceAccountName, status.podIP, status.hostIP) / configMapKeyRef /
@@ -46,6 +58,10 @@ from lora_operator.local.kubeapi import KubeClient, Obj, path
 from lora_operator.local.store import now_iso
 
 HOOK_DIR = Path(__file__).resolve().parent / "hosthook"
+TERMINATION_LOG = "/dev/termination-log"
+MAX_MESSAGE = 4096  # kubelet: bytes of a container's termination message
+MAX_POD_MESSAGES = 12 * 1024  # kubelet: all containers together, divided equally
+LOG_TAIL_LINES, LOG_TAIL_BYTES = 80, 2048  # FallbackToLogsOnError: the tail of the log
 CLUSTER_DOMAIN = "svc.cluster.local"
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FIELD_KEY = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
@@ -283,17 +299,25 @@ class ContainerProcess:
     env: dict[str, str]
     cwd: str
     log_path: Path
+    termination_path: Path | None = None
+    fallback_to_logs: bool = False
+    message_limit: int = MAX_MESSAGE
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: str = ""
     finished_at: str = ""
     exit_code: int | None = None
     reason: str = ""
+    message: str = ""
+    log_offset: int = 0  # where this run's output starts in the log
 
     async def start(self) -> None:
-        self.exit_code, self.reason, self.finished_at = None, "", ""
+        self.exit_code, self.reason, self.finished_at, self.message = None, "", "", ""
         self.started_at = now_iso()
+        if self.termination_path is not None:  # a new, empty file for every run
+            self.termination_path.write_bytes(b"")
         with open(self.log_path, "ab") as log:
+            self.log_offset = log.seek(0, os.SEEK_END)
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self.argv,
@@ -306,8 +330,8 @@ class ContainerProcess:
                 )
             except OSError as exc:
                 log.write(f"lora-operator local runner: cannot start {self.argv}: {exc}\n".encode())
-                self.proc, self.exit_code, self.reason = None, 128, "StartError"
-                self.finished_at = now_iso()
+                self.proc = None
+                self._terminated(128, "StartError")
 
     @property
     def running(self) -> bool:
@@ -319,10 +343,26 @@ class ContainerProcess:
         code = await self.proc.wait()
         self._kill_group(signal.SIGKILL)  # the container ends with its main process
         if self.exit_code is None:
-            self.exit_code = code if code >= 0 else 128 - code
-            self.reason = "Completed" if self.exit_code == 0 else "Error"
-            self.finished_at = now_iso()
+            code = code if code >= 0 else 128 - code
+            self._terminated(code, "Completed" if code == 0 else "Error")
+        assert self.exit_code is not None
         return self.exit_code
+
+    def _terminated(self, code: int, reason: str) -> None:
+        self.exit_code, self.reason, self.finished_at = code, reason, now_iso()
+        self.message = self._termination_message()
+
+    def _termination_message(self) -> str:
+        """The termination message file's tail, or the log's tail (FallbackToLogsOnError)."""
+        data = b""
+        if self.termination_path is not None:
+            with contextlib.suppress(OSError):
+                data = _read_tail(self.termination_path, MAX_MESSAGE)
+        if not data and self.fallback_to_logs and self.exit_code:
+            with contextlib.suppress(OSError):
+                tail = _read_tail(self.log_path, LOG_TAIL_BYTES, self.log_offset)
+                data = b"".join(tail.splitlines(keepends=True)[-LOG_TAIL_LINES:])
+        return data[: self.message_limit].decode(errors="replace")
 
     def _kill_group(self, sig: signal.Signals) -> None:
         if self.proc is not None:
@@ -353,6 +393,8 @@ class ContainerProcess:
                     "finishedAt": self.finished_at,
                 }
             }
+            if self.message:
+                state["terminated"]["message"] = self.message
         else:
             state = {"waiting": {"reason": "ContainerCreating"}}
         return {
@@ -367,6 +409,25 @@ class ContainerProcess:
         }
 
 
+def _read_tail(file: Path, limit: int, start: int = 0) -> bytes:
+    """At most the last `limit` bytes of a file, from byte `start` on."""
+    with open(file, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(start, size - limit))
+        return fh.read(limit)
+
+
+def _pod_ports(spec: Obj) -> str:
+    """The pod's declared TCP containerPorts, comma-separated (for the sitecustomize hook)."""
+    ports = {
+        int(port["containerPort"])
+        for container in spec.get("containers") or []
+        for port in container.get("ports") or []
+        if port.get("protocol", "TCP") == "TCP" and "containerPort" in port
+    }
+    return ",".join(str(p) for p in sorted(ports))
+
+
 async def build_containers(
     client: KubeClient, pod: Obj, ip: str, root: Path, state: Path, network: Network
 ) -> list[ContainerProcess]:
@@ -376,13 +437,20 @@ async def build_containers(
     base = dict(os.environ)
     base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", "")])
     base["HOSTNAME"] = spec.get("hostname") or meta["name"]
+    containers = spec.get("containers") or []
+    message_limit = min(MAX_MESSAGE, MAX_POD_MESSAGES // max(1, len(containers)))
     out = []
-    for container in spec.get("containers") or []:
+    for container in containers:
         mounts = {
             m["mountPath"].rstrip("/") or "/": str(volumes[m["name"]] / m.get("subPath", ""))
             for m in container.get("volumeMounts") or []
             if m["name"] in volumes
         }
+        termination = root / f"{container['name']}.termination-log"
+        termination.write_bytes(b"")
+        mounts.setdefault(
+            container.get("terminationMessagePath") or TERMINATION_LOG, str(termination)
+        )
         rewrite = make_rewriter(mounts, meta["namespace"], spec.get("subdomain"), network)
         declared = await container_env(client, pod, container, ip)
         env = {**base, **{k: rewrite(v) for k, v in declared.items()}}
@@ -393,6 +461,7 @@ async def build_containers(
             LORA_LOCAL_HOSTS_FILE=str(network.hosts_file),
             LORA_LOCAL_NAMESPACE=meta["namespace"],
             LORA_LOCAL_POD_IP=ip,
+            LORA_LOCAL_POD_PORTS=_pod_ports(spec),
             LORA_LOCAL_SUBDOMAIN=spec.get("subdomain") or "",
         )
         argv = [
@@ -404,5 +473,10 @@ async def build_containers(
             workdir = str(root / "rootfs" / workdir.lstrip("/"))
             Path(workdir).mkdir(parents=True, exist_ok=True)
         log = root / f"{container['name']}.log"
-        out.append(ContainerProcess(container["name"], argv, env, workdir, log))
+        fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        out.append(
+            ContainerProcess(
+                container["name"], argv, env, workdir, log, termination, fallback, message_limit
+            )
+        )
     return out

@@ -7,6 +7,12 @@ changes) resolves to the pod's loopback IP, trying the pod's DNS search list
 (<ns>.svc.cluster.local, svc.cluster.local, cluster.local) as a pod's resolv.conf would, and
 the pod's own $HOSTNAME resolves to its IP (its /etc/hosts entry). A cluster name that is
 not there fails at once (no slow DNS query); any other name goes to the normal resolver.
+
+It also emulates the pod's network namespace for servers: socket.socket.bind of a TCP
+(SOCK_STREAM) AF_INET socket to the wildcard address ('' or 0.0.0.0) on one of the pod's
+declared TCP containerPorts ($LORA_LOCAL_POD_PORTS, comma-separated) binds the pod's IP
+($LORA_LOCAL_POD_IP) instead, so two pods can serve the same containerPort, each at
+`<podIP>:<port>`. Other ports, explicit addresses and IPv6 sockets are left alone.
 Then it chains to the next sitecustomize on sys.path, if any.
 """
 
@@ -23,11 +29,16 @@ _SEARCH = (f".{_NS}.svc.cluster.local", ".svc.cluster.local", ".cluster.local")
 _SUB = os.environ.get("LORA_LOCAL_SUBDOMAIN", "")
 _SELF = (os.environ.get("HOSTNAME", ""), os.environ.get("LORA_LOCAL_POD_IP", ""))
 _OWN_DOMAIN = [f"{_SUB}.{_NS}.svc.cluster.local"] if _SUB else []
+_PORTS = frozenset(
+    int(p) for p in os.environ.get("LORA_LOCAL_POD_PORTS", "").split(",") if p.strip().isdigit()
+)
+_WILDCARD = ("", "0.0.0.0")
 _cache: dict[str, str] = {}
 _stamp: tuple[int, int, int] = (0, 0, 0)
 _getaddrinfo = socket.getaddrinfo
 _gethostbyname = socket.gethostbyname
 _gethostbyname_ex = socket.gethostbyname_ex
+_bind = socket.socket.bind
 
 
 def _table() -> dict[str, str]:
@@ -80,9 +91,30 @@ def _gethostbyname_ex_hook(host: str) -> tuple[str, list[str], list[str]]:
     return (host, [], [ip]) if ip else _gethostbyname_ex(host)
 
 
+def pod_address(sock: socket.socket, address: Any) -> Any:
+    """A wildcard AF_INET TCP address on a declared containerPort -> the pod's IP."""
+    if (
+        _PORTS
+        and _SELF[1]
+        and sock.family == socket.AF_INET
+        and sock.type == socket.SOCK_STREAM
+        and isinstance(address, tuple)
+        and len(address) == 2
+        and address[0] in _WILDCARD
+        and address[1] in _PORTS
+    ):
+        return (_SELF[1], address[1])
+    return address
+
+
+def _bind_hook(self: socket.socket, address: Any) -> None:
+    _bind(self, pod_address(self, address))
+
+
 socket.getaddrinfo = _getaddrinfo_hook
 socket.gethostbyname = _gethostbyname_hook
 socket.gethostbyname_ex = _gethostbyname_ex_hook
+socket.socket.bind = _bind_hook  # type: ignore[method-assign,assignment]
 
 
 def _chain() -> None:
