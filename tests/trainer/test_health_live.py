@@ -87,6 +87,10 @@ def test_health_endpoint_and_metrics_while_training(failing_run: dict[str, Any])
     assert steps == sorted(steps) and steps[-1] > 0
     assert seen[0]["verdict"] in ("Unknown", "Healthy")
     assert 0 < seen[-1]["progress"] <= 1
+    # what the operator copies into status.metrics / status.progress
+    assert seen[-1]["metrics"]["loss"] > 0 and seen[-1]["metrics"]["tokens_per_second"] > 0
+    assert seen[-1]["eta_seconds"] is not None and seen[-1]["eta_seconds"] >= 0
+    assert seen[-1]["total_steps"] and seen[-1]["epoch"] is not None
     from prometheus_client.parser import text_string_to_metric_families
 
     fams = {f.name: f for f in text_string_to_metric_families(failing_run["metrics"].decode())}

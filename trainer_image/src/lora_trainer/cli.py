@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         help="instrumented optimizer steps of --preflight (default 2)",
     )
     parser.add_argument("--json", action="store_true", help="--preflight: print JSON")
+    parser.add_argument(
+        "--termination-log",
+        type=Path,
+        metavar="PATH",
+        help="--preflight: also write the verdict and the failing checks there (a pod's "
+        "terminationMessagePath, read by the operator)",
+    )
     return parser
 
 
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         name, spec = load_spec(args.spec)
         if args.preflight:
-            return _preflight(spec, name, args.preflight_steps, args.json)
+            return _preflight(spec, name, args.preflight_steps, args.json, args.termination_log)
         output = args.output or resolve_uri(spec.output.uri)
         from lora_trainer.train import run
 
@@ -74,11 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result.exit_code
 
 
-def _preflight(spec: Any, name: str, steps: int, as_json: bool) -> int:
+def _preflight(
+    spec: Any, name: str, steps: int, as_json: bool, termination_log: Path | None
+) -> int:
+    from lora_operator.health.preflight import summary_message
     from lora_trainer.preflight import run_preflight
 
     report = run_preflight(spec, steps=steps, name=name)
-    print(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+    print(json.dumps(report.to_dict(), indent=2) if as_json else report.table(), flush=True)
+    if termination_log is not None:
+        termination_log.write_text(summary_message(report.to_dict()))
     return report.exit_code
 
 

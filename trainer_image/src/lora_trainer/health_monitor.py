@@ -50,6 +50,63 @@ class HealthSnapshot:
     rules: tuple[RuleSnapshot, ...]
 
 
+METRIC_FIELDS = {  # /health "metrics" key -> trace record field
+    "loss": "loss",
+    "eval_loss": "eval_loss",
+    "bleu": "eval_bleu",
+    "rouge_l": "eval_rougeL",
+}
+
+
+class ProgressTracker:
+    """Latest metrics, epoch, throughput and ETA from the trace records of this process.
+
+    Rates come from wall time between the records this process saw (evaluation and
+    checkpoint time included, as the user waits for them too); a resumed run's replayed
+    records do not count.
+    """
+
+    def __init__(self, total_steps: int | None) -> None:
+        self.total_steps = total_steps
+        self.metrics: dict[str, float] = {}
+        self.epoch: float | None = None
+        self.first: tuple[float, int] | None = None  # (time, step) of the first training record
+        self.last: tuple[float, int, int] | None = None  # (time, step, tokens)
+        self.tokens_per_second: float | None = None
+
+    def observe(self, record: Mapping[str, Any], now: float, timed: bool = True) -> None:
+        """One record; TIMED False for a resumed run's replayed records (no rates)."""
+        for key, field in METRIC_FIELDS.items():
+            value = record.get(field)
+            if isinstance(value, int | float):
+                self.metrics[key] = float(value)
+        if isinstance(record.get("epoch"), int | float):
+            self.epoch = float(record["epoch"])
+        step, tokens = record.get("step"), record.get("tokens")
+        if not timed or "loss" not in record or not isinstance(step, int):
+            return
+        if self.first is None:
+            self.first = (now, step)
+        if isinstance(tokens, int):
+            if self.last is not None and now > self.last[0] and tokens >= self.last[2]:
+                rate = (tokens - self.last[2]) / (now - self.last[0])
+                old = self.tokens_per_second
+                self.tokens_per_second = rate if old is None else 0.7 * old + 0.3 * rate
+            self.last = (now, step, tokens)
+
+    def report(self, now: float) -> dict[str, Any]:
+        metrics: dict[str, Any] = dict(self.metrics)
+        if self.tokens_per_second is not None:
+            metrics["tokens_per_second"] = round(self.tokens_per_second, 1)
+        eta = None
+        if self.first is not None and self.last is not None and self.total_steps:
+            t0, s0 = self.first
+            t1, s1 = self.last[0], self.last[1]
+            if s1 > s0 and t1 > t0:
+                eta = round(max(0, self.total_steps - s1) * (t1 - t0) / (s1 - s0), 1)
+        return {"metrics": metrics, "epoch": self.epoch, "eta_seconds": eta}
+
+
 class HealthMonitor:
     """Health rules over the trace records of this run; thread-safe."""
 
@@ -70,6 +127,7 @@ class HealthMonitor:
         self._last: tuple[str, tuple[str, ...]] | None = None
         self._warned = 0
         self.emit: Any = None  # set to TraceWriter.write to record verdict changes
+        self.progress = ProgressTracker(total_steps)
 
     def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Feed a resumed run's earlier records, so the verdicts continue where they were."""
@@ -83,6 +141,7 @@ class HealthMonitor:
             return  # our own verdict records
         try:
             with self._lock:
+                self.progress.observe(record, time.monotonic(), timed=emit)
                 evaluated = self.engine.observe(record)
                 report = self.engine.report() if evaluated else None
                 self._log_warnings()
@@ -118,9 +177,10 @@ class HealthMonitor:
         """The /health body: verdict, step, progress, firing rules with evidence."""
         with self._lock:
             body = self.engine.report()
-        total = self.total_steps
-        body["progress"] = round(body["step"] / total, 4) if total else None
-        body["total_steps"] = total
+            total = self.total_steps
+            body["progress"] = round(body["step"] / total, 4) if total else None
+            body["total_steps"] = total
+            body |= self.progress.report(time.monotonic())
         body["on_degraded"] = self.policy
         body["stopping"] = self.stop_reason
         body["time"] = time.time()

@@ -76,3 +76,27 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines += [f"note: {n}" for n in report.get("notes", [])]
     lines.append(f"verdict: {str(report['verdict']).upper()} (exit {report['exit_code']})")
     return "\n".join(lines)
+
+
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
+
+
+def summary_message(report: Mapping[str, Any], limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """The verdict and every warn/fail check with its fix, in one short text.
+
+    What a pre-flight pod writes to its termination log, and what the operator puts in the
+    PreflightPassed condition: `fail: adapter: adapted modules: 0 (expected 8 ...) -> fix; ...`.
+    """
+    verdict = str(report["verdict"])
+    parts = [
+        f"{ch['name']}: {ch['measured']} (expected {ch['expected']})"
+        + (f" -> {ch['message']}" if ch.get("message") else "")
+        for ch in sorted(report["checks"], key=lambda ch: -RANK[ch["status"]])
+        if ch["status"] != PASS
+    ]
+    parts += [f"skipped: {s}" for s in report.get("skipped", [])]
+    text = f"{verdict}: " + ("; ".join(parts) if parts else "every check passed")
+    data = text.encode()
+    if len(data) > limit:
+        text = data[: limit - 3].decode(errors="ignore") + "..."
+    return text
