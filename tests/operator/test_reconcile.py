@@ -22,8 +22,14 @@ Body = dict[str, Any]
 
 @pytest.fixture
 def body(make_body: Callable[[dict[str, Any]], Body]) -> Body:
-    """The quickstart as the API server returns it: uid, namespace, generation."""
-    return make_body({"metadata": {"uid": "uid-1", "namespace": "default", "generation": 1}})
+    """The quickstart as the API server returns it: uid, namespace, generation (pre-flight
+    off: tests/operator/test_lifecycle.py covers it)."""
+    return make_body(
+        {
+            "metadata": {"uid": "uid-1", "namespace": "default", "generation": 1},
+            "spec": {"health": {"preflight": {"enabled": False}}},
+        }
+    )
 
 
 def children(body: Body) -> Observed:
@@ -106,7 +112,7 @@ def test_spec_image_wins_over_the_operator_default(body: Body) -> None:
 def test_phase_and_condition_follow_the_job(
     body: Body, status: dict[str, Any], suspend: bool, phase: str, condition: str, reason: str
 ) -> None:
-    body["spec"]["runPolicy"] = {"suspend": suspend}
+    body["spec"]["runPolicy"] = {"suspend": suspend, "backoffLimit": 0}  # no gang restart
     decision = reconcile(body, with_job_status(children(body), status, suspend=suspend),
                          CONFIG, NOW)  # fmt: skip
     assert decision.status["phase"] == phase

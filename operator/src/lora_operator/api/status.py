@@ -100,6 +100,11 @@ class LoRAFineTuneStatus(ApiModel):
     start_time: str | None = Field(default=None, description="When training started.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
     restarts: int | None = Field(default=None, ge=0, description="Gang restarts so far.")
+    restarted_job_uid: str | None = Field(
+        default=None,
+        max_length=128,
+        description="UID of the last failed Job the operator restarted (counted once).",
+    )
     progress: Progress | None = Field(default=None, description="Training progress.")
     metrics: TrainingMetrics | None = Field(default=None, description="Latest metrics.")
     health: HealthStatus | None = Field(default=None, description="Latest health verdict.")

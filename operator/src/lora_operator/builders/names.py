@@ -48,6 +48,10 @@ class ChildNames:
     def service(self) -> str:
         return f"{self.job}-workers"
 
+    @property
+    def preflight(self) -> str:
+        return f"{self.job}-preflight"
+
     def pod_hostname(self, index: int) -> str:
         """Stable DNS name of pod INDEX (Indexed Job hostname + subdomain)."""
         return f"{self.job}-{index}.{self.service}"

@@ -1,11 +1,15 @@
 """Thin kopf handlers: read the object and its children, call reconcile, apply the decision.
 
 Every handler (LoRAFineTune create/resume/update, any event of a Job carrying the operator's
-labels) runs the same level-triggered `sync` under a per-object lock: GET the LoRAFineTune
-and its children, `reconcile`, then create what is missing (409 = already there), patch the
-Job's live fields, patch status through the status subresource and post one Event per
-transition. Deletion needs no handler: ownerReferences let garbage collection remove the
-children, so kopf adds no finalizer.
+labels, and the health timer) runs the same level-triggered `sync` under a per-object lock:
+GET the LoRAFineTune and its children (the timer also reads the rank-0 trainer's `/health`),
+`reconcile`, then write: status first (through the status subresource, so a restart count
+or a Failed phase is recorded before the action it explains), the LoRAFineTune's own patch
+(onDegraded=Suspend), Job deletion (gang restart, onDegraded=Fail), creation of what is
+missing (409 = already there), the Job's live fields, one Event per transition, and the
+TTL deletion. Deletion of a LoRAFineTune needs no handler: ownerReferences let garbage
+collection remove the children, so kopf adds no finalizer; its metrics series are dropped
+on the DELETED event.
 """
 
 from __future__ import annotations
@@ -15,18 +19,25 @@ import collections
 import datetime
 import logging
 import threading
+import time
 from typing import Any, cast
 
 import kopf
 import kubernetes
 
 from lora_operator.api import constants as c
-from lora_operator.controller.kube import ApiError, Kube, load_client
-from lora_operator.controller.reconcile import reconcile
+from lora_operator.builders import ChildNames
+from lora_operator.controller.health_watch import Probe, parse_body
+from lora_operator.controller.httpserver import serve, stop
+from lora_operator.controller.kube import ApiError, Kube, load_client, read_health
+from lora_operator.controller.metrics import OperatorMetrics
+from lora_operator.controller.reconcile import Decision, Observed, reconcile
 from lora_operator.controller.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
 RETRY_DELAY = 5.0
+HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_TIMEOUT = 60.0  # /healthz fails when the event loop has not run for this long
 
 
 def now_iso() -> str:
@@ -52,11 +63,12 @@ def connection_info(config: kubernetes.client.Configuration) -> kopf.ConnectionI
 
 
 class Controller:
-    """The state the handlers share: settings, the API client, per-object locks."""
+    """The state the handlers share: settings, the API client, metrics, per-object locks."""
 
-    def __init__(self, config: OperatorConfig) -> None:
+    def __init__(self, config: OperatorConfig, metrics: OperatorMetrics | None = None) -> None:
         self.config = config
         self.kube: Kube | None = None
+        self.metrics = metrics or OperatorMetrics()
         self._locks: collections.defaultdict[tuple[str, str], asyncio.Lock] = (
             collections.defaultdict(asyncio.Lock)
         )
@@ -66,35 +78,81 @@ class Controller:
         self.kube = Kube(client)
         return connection_info(client.configuration)
 
-    async def sync(self, namespace: str, name: str) -> None:
+    async def sync(self, namespace: str, name: str, read_health: bool = False) -> None:
         """Bring one LoRAFineTune's children and status in line with its spec."""
         kube = self.kube
         assert kube is not None, "login runs first"
         async with self._locks[(namespace, name)]:
-            raw = await asyncio.to_thread(kube.get_lorafinetune, namespace, name)
-            if raw is None or raw["metadata"].get("deletionTimestamp"):
-                return
-            body = kopf.Body(cast(kopf.RawBody, raw))
-            observed = await asyncio.to_thread(kube.observe, namespace, name)
-            decision = reconcile(raw, observed, self.config, now_iso())
-            for child in decision.create:
-                if await asyncio.to_thread(kube.create, child):
-                    kind, child_name = child["kind"], child["metadata"]["name"]
-                    kopf.event(body, type="Normal", reason="Created",
-                               message=f"created {kind} {child_name}")  # fmt: skip
-            if decision.job_patch is not None:
-                await asyncio.to_thread(kube.patch_job, namespace, name, decision.job_patch)
-            old = raw.get("status") or {}
-            if any(old.get(k) != v for k, v in decision.status.items()):
-                await asyncio.to_thread(kube.patch_status, namespace, name, decision.status)
-            for note in decision.events:
-                kopf.event(body, type=note.type, reason=note.reason, message=note.message)
+            with self.metrics.time_reconcile():
+                raw = await asyncio.to_thread(kube.get_lorafinetune, namespace, name)
+                if raw is None or raw["metadata"].get("deletionTimestamp"):
+                    return
+                observed = await asyncio.to_thread(kube.observe, namespace, name)
+                probe = await self._probe(kube, namespace, name, observed) if read_health else None
+                decision = reconcile(raw, observed, self.config, now_iso(), probe)
+                await self._apply(kube, raw, decision)
+            if decision.delete_self:
+                self.metrics.forget(namespace, name)
+            else:
+                self.metrics.observe(
+                    namespace, name, decision.status.get("phase"), decision.degraded_reason
+                )
+
+    async def _probe(
+        self, kube: Kube, namespace: str, name: str, observed: Observed
+    ) -> Probe | None:
+        """A read of the rank-0 trainer's /health while the training Job runs (else None)."""
+        job = observed.job
+        if job is None or (job.get("spec") or {}).get("suspend"):
+            return None
+        uid = job["metadata"].get("uid") or ""
+        endpoint = await asyncio.to_thread(kube.rank0_endpoint, namespace, name, uid)
+        if endpoint is None:
+            return None  # no running rank-0 pod yet: nothing to read
+        probe = await asyncio.to_thread(read_health, endpoint, self.config.health_timeout_seconds)
+        if probe.error is not None:  # the pod may have ended meanwhile: then no reading
+            again = await asyncio.to_thread(kube.rank0_endpoint, namespace, name, uid)
+            if again != endpoint:
+                return None
+        kind = probe.error or (None if parse_body(probe.body) is not None else "malformed")
+        if kind is not None:
+            self.metrics.health_read_error(kind)
+            logger.info("%s/%s: /health: %s %s", namespace, name, kind, probe.detail)
+        return probe
+
+    async def _apply(self, kube: Kube, raw: dict[str, Any], decision: Decision) -> None:
+        meta = raw["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        body = kopf.Body(cast(kopf.RawBody, raw))
+        old = raw.get("status") or {}
+        if any(old.get(k) != v for k, v in decision.status.items()):
+            await asyncio.to_thread(kube.patch_status, namespace, name, decision.status)
+        if decision.lft_patch is not None:
+            await asyncio.to_thread(kube.patch_lorafinetune, namespace, name, decision.lft_patch)
+        job_name = ChildNames(name).job
+        if decision.delete_job is not None:
+            await asyncio.to_thread(
+                kube.delete, "batch/v1", "jobs", namespace, job_name, decision.delete_job
+            )
+        for child in decision.create:
+            if await asyncio.to_thread(kube.create, child):
+                kind, child_name = child["kind"], child["metadata"]["name"]
+                kopf.event(body, type="Normal", reason="Created",
+                           message=f"created {kind} {child_name}")  # fmt: skip
+        if decision.job_patch is not None:
+            await asyncio.to_thread(kube.patch_job, namespace, job_name, decision.job_patch)
+        for note in decision.events:
+            kopf.event(body, type=note.type, reason=note.reason, message=note.message)
+        if decision.delete_self:
+            logger.info("%s/%s: ttlSecondsAfterFinished passed: deleting it", namespace, name)
+            await asyncio.to_thread(
+                kube.delete, c.API_VERSION, c.PLURAL, namespace, name, meta["uid"]
+            )
 
 
-def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
-    """The operator's handlers, bound to CONFIG (one registry per operator instance)."""
+def build_registry(config: OperatorConfig, controller: Controller) -> kopf.OperatorRegistry:
+    """The operator's handlers, bound to CONTROLLER (one registry per operator instance)."""
     registry = kopf.OperatorRegistry()
-    controller = Controller(config)
     lft = (c.GROUP, c.VERSION, c.PLURAL)
 
     @kopf.on.startup(registry=registry)
@@ -103,7 +161,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.GROUP)
         settings.posting.level = logging.WARNING  # Events: ours, plus kopf's warnings
-        settings.peering.name = "lora-operator"
+        settings.peering.name = config.peering or "lora-operator"
+        settings.peering.mandatory = config.peering is not None
         settings.watching.server_timeout = config.watch_timeout_seconds
 
     @kopf.on.login(registry=registry)
@@ -119,6 +178,24 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     for on, handler_id in ((kopf.on.resume, "resume"), (kopf.on.create, "create"),
                            (kopf.on.update, "update")):  # fmt: skip
         on(*lft, id=handler_id, registry=registry)(lorafinetune_changed)
+
+    @kopf.timer(*lft, id="health", interval=config.health_interval_seconds,
+                initial_delay=config.health_interval_seconds, registry=registry)  # fmt: skip
+    async def health(name: str, namespace: str | None, **_: Any) -> None:
+        try:
+            await controller.sync(namespace or "default", name, read_health=True)
+        except ApiError as err:  # the next tick retries
+            logger.warning("health of %s/%s: %s", namespace, name, err)
+
+    @kopf.on.event(*lft, registry=registry)
+    def lorafinetune_event(
+        type: str | None,
+        name: str,
+        namespace: str | None,
+        **_: Any,  # noqa: A002 (kopf's name)
+    ) -> None:
+        if type == "DELETED":
+            controller.metrics.forget(namespace or "default", name)
 
     labels: dict[str, Any] = {
         c.LABEL_MANAGED_BY: c.MANAGED_BY_VALUE,
@@ -139,20 +216,46 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 async def operate(
     config: OperatorConfig,
     *,
-    standalone: bool = False,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
+    metrics: OperatorMetrics | None = None,
 ) -> None:
     """Run the operator until stop_flag is set (or a signal, under `lora-operator run`).
 
-    kopf cancels every task its loop started while it ran when it stops: embed it in a
-    thread with its own loop (threading.Event flags), not next to other tasks.
+    Serves /metrics, /healthz and /readyz on config.metrics_port while it runs. kopf cancels
+    every task its loop started while it ran when it stops: embed it in a thread with its
+    own loop (threading.Event flags), not next to other tasks.
     """
-    await kopf.operator(
-        registry=build_registry(config),
-        standalone=standalone,
-        clusterwide=config.cluster_wide,
-        namespaces=list(config.namespaces),
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+    controller = Controller(config, metrics)
+    kopf_ready: asyncio.Event | threading.Event = ready_flag or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    beat = [time.monotonic()]  # the event loop's heartbeat: /healthz fails when it stalls
+    timer: list[asyncio.TimerHandle] = []
+
+    def heartbeat() -> None:
+        beat[0] = time.monotonic()
+        timer[:] = [loop.call_later(HEARTBEAT_SECONDS, heartbeat)]
+
+    def alive() -> bool:
+        return time.monotonic() - beat[0] < HEARTBEAT_TIMEOUT
+
+    heartbeat()
+    server = None
+    if config.metrics_port is not None:
+        server = serve(
+            config.metrics_host, config.metrics_port, controller.metrics, kopf_ready.is_set, alive
+        )  # fmt: skip
+    try:
+        await kopf.operator(
+            registry=build_registry(config, controller),
+            standalone=config.peering is None,
+            clusterwide=config.cluster_wide,
+            namespaces=list(config.namespaces),
+            stop_flag=stop_flag,
+            ready_flag=kopf_ready,
+        )
+    finally:
+        for handle in timer:
+            handle.cancel()
+        if server is not None:
+            stop(server)

@@ -7,6 +7,9 @@ as the builders make them and the API serves them; nothing is deserialized into 
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,11 @@ import kubernetes
 
 from lora_operator.api import constants as c
 from lora_operator.builders import ChildNames
+from lora_operator.controller.health_watch import Probe
 from lora_operator.controller.reconcile import Observed
+
+JOB_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+HEALTH_BODY_LIMIT = 1 << 20  # /health stays small; anything bigger is not one
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -91,11 +98,62 @@ class Kube:
         def get(api_version: str, plural: str, child: str) -> dict[str, Any] | None:
             return self.request("GET", object_path(api_version, plural, namespace, child))
 
+        preflight_job = get("batch/v1", "jobs", names.preflight)
+        preflight_pod = None
+        if preflight_job is not None:
+            pods = self.pods(namespace, {c.LABEL_JOB_NAME: name, c.LABEL_ROLE: "preflight"})
+            preflight_pod = _latest(pods)
         return Observed(
             configmap=get("v1", "configmaps", names.configmap),
             service=get("v1", "services", names.service),
             job=get("batch/v1", "jobs", names.job),
+            preflight_job=preflight_job,
+            preflight_pod=preflight_pod,
         )
+
+    def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        query = urllib.parse.urlencode({"labelSelector": selector})
+        answer = self.request("GET", object_path("v1", "pods", namespace) + "?" + query)
+        return list((answer or {}).get("items") or [])
+
+    def rank0_endpoint(self, namespace: str, name: str, job_uid: str) -> str | None:
+        """http://IP:PORT of the running rank-0 trainer pod of the Job JOB_UID, if any."""
+        labels = {c.LABEL_JOB_NAME: name, c.LABEL_ROLE: "trainer", JOB_INDEX_LABEL: "0"}
+        pods = [
+            p
+            for p in self.pods(namespace, labels)
+            if (p.get("status") or {}).get("phase") == "Running"
+            and (p.get("status") or {}).get("podIP")
+            and not p["metadata"].get("deletionTimestamp")
+            and any(o.get("uid") == job_uid for o in p["metadata"].get("ownerReferences") or [])
+        ]
+        pod = _latest(pods)
+        if pod is None:
+            return None
+        ports = [
+            port
+            for container in pod["spec"].get("containers") or []
+            for port in container.get("ports") or []
+            if port.get("name") == c.METRICS_PORT_NAME
+        ]
+        if not ports:
+            return None
+        return f"http://{pod['status']['podIP']}:{ports[0]['containerPort']}"
+
+    def delete(self, api_version: str, plural: str, namespace: str, name: str, uid: str) -> None:
+        """Delete with a uid precondition (never a newer object of the same name); the
+        children go in the background (garbage collection)."""
+        body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+        try:
+            self.request("DELETE", object_path(api_version, plural, namespace, name), body)
+        except ApiError as err:
+            if err.status != 409:  # 409: the precondition failed, that object is gone
+                raise
+
+    def patch_lorafinetune(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.request("PATCH", object_path(c.API_VERSION, c.PLURAL, namespace, name), patch,
+                     MERGE_PATCH)  # fmt: skip
 
     def create(self, obj: dict[str, Any]) -> bool:
         """Create OBJ; False when it already exists (409: idempotent, never a duplicate)."""
@@ -117,3 +175,32 @@ class Kube:
         """Through the status subresource (a spec write could never sneak in)."""
         path = object_path(c.API_VERSION, c.PLURAL, namespace, name) + "/status"
         self.request("PATCH", path, {"status": status}, MERGE_PATCH)
+
+
+def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+
+
+def read_health(endpoint: str, timeout: float) -> Probe:
+    """GET ENDPOINT/health: the JSON body, or the kind of failure (never raises)."""
+    try:
+        with urllib.request.urlopen(f"{endpoint}/health", timeout=timeout) as response:  # noqa: S310
+            data = response.read(HEALTH_BODY_LIMIT + 1)
+    except urllib.error.HTTPError as err:
+        return Probe(error="http_status", detail=f"HTTP {err.code} from {endpoint}/health")
+    except TimeoutError:
+        return Probe(error="timeout", detail=f"no answer from {endpoint} within {timeout:g} s")
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError):
+            return Probe(error="timeout", detail=f"no answer from {endpoint} within {timeout:g} s")
+        return Probe(error="unreachable", detail=f"{endpoint}: {reason}")
+    if len(data) > HEALTH_BODY_LIMIT:
+        return Probe(error="malformed", detail=f"{endpoint}/health: body over 1 MiB")
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return Probe(error="malformed", detail=f"{endpoint}/health: not JSON")
+    if not isinstance(body, dict):
+        return Probe(error="malformed", detail=f"{endpoint}/health: not a JSON object")
+    return Probe(body=body)

@@ -1,0 +1,196 @@
+"""Health end to end on the local cluster: the collapse demo with each onDegraded policy, a
+failing pre-flight, a trainer whose /health stops answering, an operator restart while a
+job is Degraded. Real kopf, real kubectl, real trainer processes on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lora_operator.api import constants as c
+from lora_operator.controller.reconcile import ANNOTATION_HEALTH_SUSPEND
+from tests.conftest import EXAMPLES, deep_merge
+from tests.e2e.cluster import NS, PODS, Cluster, condition, local_cluster, quickstart, until
+
+pytestmark = [pytest.mark.slow, pytest.mark.training]
+EVENTS = f"/api/v1/namespaces/{NS}/events"
+
+
+def collapse(tiny_dir: Path, out: Path, name: str, patch: dict[str, Any]) -> str:
+    """examples/collapse-demo.yaml on the tiny assets under NAME, writing under OUT."""
+    text = (EXAMPLES / "collapse-demo.yaml").read_text()
+    body = yaml.safe_load(text.replace("/tmp/lora-operator/tiny", str(tiny_dir)))
+    body["metadata"]["name"] = name
+    body["spec"]["output"]["uri"] = f"file://{out / name}"
+    return yaml.safe_dump(deep_merge(body, {"spec": patch}))
+
+
+async def events_of(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    return [e for e in await cluster.client.list(EVENTS) if e["involvedObject"]["name"] == name]
+
+
+async def trainer_pods(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    sel = f"{c.LABEL_JOB_NAME}={name},{c.LABEL_ROLE}=trainer"
+    return list(await cluster.client.list(f"{PODS}?labelSelector={sel}"))
+
+
+async def wait_condition(
+    cluster: Cluster, name: str, ctype: str, status: str, timeout: float
+) -> Any:
+    async def check() -> Any:
+        lft = await cluster.lft(name)
+        cond = condition(lft, ctype)
+        return lft if cond and cond["status"] == status else None
+
+    return await until(check, timeout=timeout)
+
+
+async def wait_phase(cluster: Cluster, name: str, phase: str, timeout: float) -> Any:
+    async def check() -> Any:
+        lft = await cluster.lft(name)
+        return lft if (lft.get("status") or {}).get("phase") == phase else None
+
+    return await until(check, timeout=timeout)
+
+
+async def test_collapse_demo_policies_preflight_and_operator_restart(
+    tiny_assets: Any, tmp_path: Path
+) -> None:
+    tiny = Path(tiny_assets.model_dir).parent
+    out = tmp_path / "runs"
+
+    def policy(name: str) -> dict[str, Any]:
+        return {"health": {"onDegraded": name, "preflight": {"enabled": False}}}
+
+    manifests = [
+        collapse(tiny, out, "collapse-demo", {}),  # the example as is: onDegraded Suspend
+        collapse(tiny, out, "collapse-fail", policy("Fail")),
+        collapse(tiny, out, "collapse-alert", policy("Alert")),
+        quickstart(tiny, out / "bad", {"lora": {"targetModules": ["no_such_proj"]}}).replace(
+            "name: quickstart", "name: bad-targets"
+        ),
+    ]
+    async with local_cluster(tmp_path) as cluster:
+        await cluster.kubectl("apply", "--validate=false", "-f", "-", stdin="---\n".join(manifests))
+
+        # a pre-flight failure ends Failed before any training pod exists, naming the check
+        bad = await wait_phase(cluster, "bad-targets", c.PHASE_FAILED, timeout=120)
+        pre = condition(bad, c.COND_PREFLIGHT_PASSED)
+        assert pre["status"] == "False" and pre["reason"] == "PreflightFailed", pre
+        assert "adapter" in pre["message"] and "no_such_proj" in pre["message"], pre
+        assert await trainer_pods(cluster, "bad-targets") == []
+        jobs = await cluster.children("bad-targets")
+        assert [j["metadata"]["name"] for j in jobs["jobs"]] == ["bad-targets-preflight"]
+
+        # Alert: Degraded with the rule and its evidence, a Warning Event, the metric; runs on
+        alert = await wait_condition(cluster, "collapse-alert", c.COND_DEGRADED, "True", 240)
+        degraded = condition(alert, c.COND_DEGRADED)
+        assert degraded["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE, degraded
+        assert "||grad B||/||grad A||" in degraded["message"], degraded  # the evidence
+        health = alert["status"]["health"]
+        assert health["verdict"] == c.VERDICT_DEGRADED
+        assert health["rulesFiring"][0]["rule"] == c.RULE_LORA_GRADIENT_COLLAPSE
+        assert health["rulesFiring"][0]["evidence"], health
+        assert alert["status"]["phase"] == c.PHASE_RUNNING
+        warnings = [
+            e for e in await events_of(cluster, "collapse-alert")
+            if e["type"] == "Warning" and e["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE
+        ]  # fmt: skip
+        assert len(warnings) == 1, warnings
+        snapshot = cluster.metrics.snapshot()
+        assert snapshot[(NS, "collapse-alert")][1] == c.RULE_LORA_GRADIENT_COLLAPSE
+        described = await cluster.kubectl("describe", "lft", "collapse-alert")
+        assert "Warning" in described and c.RULE_LORA_GRADIENT_COLLAPSE in described
+
+        # operator restart while Degraded: same children, condition time kept, no new Event
+        kids = await cluster.children("collapse-alert")
+        await cluster.stop_operator()
+        await cluster.start_operator()
+        await asyncio.sleep(3 * cluster.config.health_interval_seconds)
+        again = await cluster.lft("collapse-alert")
+        kept = condition(again, c.COND_DEGRADED)
+        assert (kept["status"], kept["lastTransitionTime"]) == (
+            "True",
+            degraded["lastTransitionTime"],
+        )
+        assert await cluster.children("collapse-alert") == kids or all(
+            len(v) == len(kids[k]) for k, v in (await cluster.children("collapse-alert")).items()
+        )
+        warnings = [
+            e for e in await events_of(cluster, "collapse-alert")
+            if e["type"] == "Warning" and e["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE
+        ]  # fmt: skip
+        assert len(warnings) == 1, warnings
+        await cluster.kubectl("delete", "lft", "collapse-alert", "--wait=false")
+
+        # Suspend (the example): Degraded, then Suspended by the health policy, pods gone
+        demo = await wait_phase(cluster, "collapse-demo", c.PHASE_SUSPENDED, timeout=240)
+        assert condition(demo, c.COND_DEGRADED)["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE
+        suspended = condition(demo, c.COND_SUSPENDED)
+        assert suspended["reason"] == c.REASON_HEALTH_POLICY, suspended
+        assert demo["spec"]["runPolicy"]["suspend"] is True
+        assert (
+            c.RULE_LORA_GRADIENT_COLLAPSE
+            in demo["metadata"]["annotations"][ANNOTATION_HEALTH_SUSPEND]
+        )
+        assert condition(demo, c.COND_PREFLIGHT_PASSED)["status"] == "True"
+
+        async def no_pods() -> bool:
+            return not await trainer_pods(cluster, "collapse-demo")
+
+        await until(no_pods, timeout=60)
+        step = demo["status"]["progress"]["step"]
+        assert step < 200, "suspended before wasting its budget"
+
+        # Fail: the trainer stops itself (exit 86), the job ends Failed, never retried
+        failed = await wait_phase(cluster, "collapse-fail", c.PHASE_FAILED, timeout=240)
+        assert condition(failed, c.COND_FAILED)["reason"] == c.REASON_HEALTH_POLICY
+        assert not failed["status"].get("restarts")
+        await asyncio.sleep(2 * cluster.config.health_interval_seconds)
+        assert len(await trainer_pods(cluster, "collapse-fail")) <= 1
+
+
+async def test_unreachable_health_is_unknown_never_degraded(
+    tiny_assets: Any, tmp_path: Path
+) -> None:
+    """The trainer stops answering (SIGSTOP) mid-run: health Unknown, no Degraded; it
+    continues (SIGCONT) and the job succeeds."""
+    tiny = Path(tiny_assets.model_dir).parent
+    patch = {
+        "training": {"maxSteps": 120},
+        "health": {"preflight": {"enabled": False}},
+    }
+    async with local_cluster(tmp_path) as cluster:
+        manifest = quickstart(tiny, tmp_path / "run", patch)
+        await cluster.kubectl("apply", "--validate=false", "-f", "-", stdin=manifest)
+
+        async def reading() -> Any:
+            lft = await cluster.lft("quickstart")
+            health = (lft.get("status") or {}).get("health") or {}
+            return lft if health.get("verdict") not in (None, c.VERDICT_UNKNOWN) else None
+
+        await until(reading, timeout=120)
+        (pod,) = await trainer_pods(cluster, "quickstart")
+        (pgid,) = cluster.runner.pids()[f"{NS}/{pod['metadata']['name']}"]  # group leader
+        os.killpg(pgid, signal.SIGSTOP)
+        try:
+
+            async def unknown() -> Any:
+                lft = await cluster.lft("quickstart")
+                return lft if lft["status"]["health"]["verdict"] == c.VERDICT_UNKNOWN else None
+
+            lft = await until(unknown, timeout=30)
+            assert "cannot read" in lft["status"]["health"]["message"]
+            assert condition(lft, c.COND_DEGRADED)["status"] != "True"
+        finally:
+            os.killpg(pgid, signal.SIGCONT)
+        done = await wait_phase(cluster, "quickstart", c.PHASE_SUCCEEDED, timeout=240)
+        assert condition(done, c.COND_DEGRADED)["status"] == "False"
+        errors = cluster.metrics.render().decode()
+        assert 'lora_operator_health_read_errors_total{kind="timeout"}' in errors
