@@ -5,7 +5,7 @@ job is Degraded. Real kopf, real kubectl, real trainer processes on the tiny mod
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -156,41 +156,68 @@ async def test_collapse_demo_policies_preflight_and_operator_restart(
         assert len(await trainer_pods(cluster, "collapse-fail")) <= 1
 
 
-async def test_unreachable_health_is_unknown_never_degraded(
-    tiny_assets: Any, tmp_path: Path
-) -> None:
-    """The trainer stops answering (SIGSTOP) mid-run: health Unknown, no Degraded; it
-    continues (SIGCONT) and the job succeeds."""
+async def test_unreachable_health_then_a_killed_pod(tiny_assets: Any, tmp_path: Path) -> None:
+    """The trainer stops answering (SIGSTOP) mid-run: health Unknown, never Degraded. It
+    continues (SIGCONT); then its pod is killed (SIGKILL): the whole gang restarts once and
+    resumes from the last checkpoint, and the job succeeds."""
     tiny = Path(tiny_assets.model_dir).parent
+    out = tmp_path / "run"
     patch = {
-        "training": {"maxSteps": 120},
+        "training": {"maxSteps": 300, "checkpointEverySteps": 20},
         "health": {"preflight": {"enabled": False}},
     }
     async with local_cluster(tmp_path) as cluster:
-        manifest = quickstart(tiny, tmp_path / "run", patch)
+        manifest = quickstart(tiny, out, patch)
         await cluster.kubectl("apply", "--validate=false", "-f", "-", stdin=manifest)
 
         async def reading() -> Any:
             lft = await cluster.lft("quickstart")
-            health = (lft.get("status") or {}).get("health") or {}
-            return lft if health.get("verdict") not in (None, c.VERDICT_UNKNOWN) else None
+            return lft if "progress" in (lft.get("status") or {}) else None
 
         await until(reading, timeout=120)
         (pod,) = await trainer_pods(cluster, "quickstart")
-        (pgid,) = cluster.runner.pids()[f"{NS}/{pod['metadata']['name']}"]  # group leader
-        os.killpg(pgid, signal.SIGSTOP)
+        name = pod["metadata"]["name"]
+        assert cluster.runner.signal_pod(NS, name, signal.SIGSTOP) >= 3  # launcher, agent, rank
         try:
 
             async def unknown() -> Any:
                 lft = await cluster.lft("quickstart")
-                return lft if lft["status"]["health"]["verdict"] == c.VERDICT_UNKNOWN else None
+                health = lft["status"]["health"]
+                return lft if "cannot read" in (health.get("message") or "") else None
 
             lft = await until(unknown, timeout=30)
-            assert "cannot read" in lft["status"]["health"]["message"]
+            assert lft["status"]["health"]["verdict"] == c.VERDICT_UNKNOWN
+            assert "timeout" in lft["status"]["health"]["message"]
             assert condition(lft, c.COND_DEGRADED)["status"] != "True"
         finally:
-            os.killpg(pgid, signal.SIGCONT)
-        done = await wait_phase(cluster, "quickstart", c.PHASE_SUCCEEDED, timeout=240)
+            cluster.runner.signal_pod(NS, name, signal.SIGCONT)
+        text = cluster.metrics.render().decode()
+        assert 'lora_operator_health_read_errors_total{kind="timeout"} 0.0' not in text, text
+
+        async def past_checkpoint() -> Any:
+            lft = await cluster.lft("quickstart")
+            return lft if lft["status"]["progress"]["step"] >= 25 else None
+
+        await until(past_checkpoint, timeout=120)
+        cluster.runner.signal_pod(NS, name, signal.SIGKILL)  # the pod fails: infrastructure
+        done = await wait_phase(cluster, "quickstart", c.PHASE_SUCCEEDED, timeout=300)
+        assert done["status"]["restarts"] == 1
+        restarting = [
+            e for e in await events_of(cluster, "quickstart") if e["reason"] == "Restarting"
+        ]
+        assert len(restarting) == 1 and "restart 1 of" in restarting[0]["message"], restarting
         assert condition(done, c.COND_DEGRADED)["status"] == "False"
-        errors = cluster.metrics.render().decode()
-        assert 'lora_operator_health_read_errors_total{kind="timeout"}' in errors
+        kids = await cluster.children("quickstart")
+        assert (
+            len(kids["jobs"]) == 1
+            and kids["jobs"][0]["metadata"]["uid"] != pod["metadata"]["ownerReferences"][0]["uid"]
+        )
+        steps = [
+            json.loads(line)["step"]
+            for line in (out / "trace.jsonl").read_text().splitlines()
+            if '"loss"' in line
+        ]
+        resumed = [b for a, b in zip(steps, steps[1:], strict=False) if b <= a]
+        assert len(resumed) == 1, "one resume"
+        assert resumed[0] - 1 >= 20 and (resumed[0] - 1) % 20 == 0, steps  # from a checkpoint
+        assert steps[-1] == 300

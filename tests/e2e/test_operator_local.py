@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -135,15 +138,45 @@ async def _invalid(cluster: Cluster, tmp_path: Path) -> None:
 
 
 async def test_lora_operator_run_serves_until_interrupted(tmp_path: Path) -> None:
-    """The `lora-operator run` entrypoint: flags, kubeconfig, SIGINT ends it with exit 0."""
+    """The `lora-operator run` entrypoint: flags, kubeconfig, /metrics and probes, SIGINT ends
+    it with exit 0."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     async with local_cluster(tmp_path, operator=False) as cluster:
         proc = await asyncio.create_subprocess_exec(
             str(ROOT / ".venv" / "bin" / "lora-operator"), "run", "--standalone",
             "--namespace", NS, "--kubeconfig", str(cluster.kubeconfig),
+            "--metrics-port", str(port), "--health-interval", "5",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)  # fmt: skip
         try:
+
+            async def ready() -> bool:
+                return (await asyncio.to_thread(http_get, f"{base}/readyz"))[0] == 200
+
+            await until(ready, timeout=30)
+            assert (await asyncio.to_thread(http_get, f"{base}/healthz"))[0] == 200
             await _invalid(cluster, tmp_path)
+            code, text = await asyncio.to_thread(http_get, f"{base}/metrics")
+            assert code == 200
+            assert 'lora_operator_jobs{phase="Pending"} 1.0' in text, text
+            assert "lora_operator_reconcile_duration_seconds_count" in text
         finally:
             proc.send_signal(signal.SIGINT)
             out, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, out.decode()[-3000:]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback)
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+    except OSError:
+        return 0, ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -15,6 +15,7 @@ from lora_operator.builders import (
     Owner,
     build_headless_service,
     build_indexed_job,
+    build_preflight_job,
     build_spec_configmap,
 )
 from lora_operator.validation import validate_body, validate_file
@@ -37,6 +38,7 @@ def _children(name: str) -> list[dict[str, Any]]:
         build_spec_configmap(spec, owner),
         build_headless_service(spec, owner),
         build_indexed_job(spec, owner, IMAGE),
+        build_preflight_job(spec, owner, IMAGE),
     ]
 
 
@@ -104,8 +106,35 @@ def _restricted_violations(pod: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
 def test_pods_pass_the_restricted_pod_security_standard(name: str) -> None:
     resource, owner = _load(name)
-    job = build_indexed_job(resource.spec, owner, IMAGE)
-    assert _restricted_violations(job["spec"]["template"]) == []
+    for job in (
+        build_indexed_job(resource.spec, owner, IMAGE),
+        build_preflight_job(resource.spec, owner, IMAGE),
+    ):
+        assert _restricted_violations(job["spec"]["template"]) == []
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_preflight_is_one_pod_on_one_device_reporting_through_its_termination_log(
+    name: str,
+) -> None:
+    resource, owner = _load(name)
+    job = build_preflight_job(resource.spec, owner, IMAGE)
+    assert job["metadata"]["name"] == ChildNames(owner.name).preflight
+    assert job["metadata"]["labels"][c.LABEL_ROLE] == "preflight"
+    spec = job["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (1, 1, 0)
+    assert spec["suspend"] is False and "podFailurePolicy" not in spec
+    pod = spec["template"]
+    assert pod["metadata"]["labels"][c.LABEL_ROLE] == "preflight"
+    (container,) = pod["spec"]["containers"]
+    assert "--preflight" in container["command"]
+    path = container["command"][container["command"].index("--termination-log") + 1]
+    assert container["terminationMessagePath"] == path
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert "ports" not in container  # never mistaken for the rank-0 trainer
+    gpu = resource.spec.resources.gpu_resource_name
+    if resource.spec.distributed.device == "cuda":
+        assert container["resources"]["limits"][gpu] == "1"
 
 
 def test_restricted_checker_catches_violations() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -80,6 +81,13 @@ class PodRunner:
     def pids(self) -> dict[str, list[int]]:
         return self.kubelet.pids()
 
+    def signal_pod(self, namespace: str, pod: str, sig: int) -> int:
+        """A fault: send SIG to every process of the pod's containers (each container's
+        process and all its descendants, as its PID namespace would hold them, even those a
+        launcher put in their own sessions); the number of processes signalled."""
+        leaders = self.pids().get(f"{namespace}/{pod}") or []
+        return sum(signal_tree(leader, sig) for leader in leaders)
+
     async def stop(self) -> None:
         """Stop reconciling, kill every pod's process tree, close the client."""
         for task in self._tasks:
@@ -89,3 +97,28 @@ class PodRunner:
         await self.client.__aexit__()
         if self._own_state:
             shutil.rmtree(self.state, ignore_errors=True)
+
+
+def signal_tree(leader: int, sig: int) -> int:
+    """Send SIG to LEADER and all its descendants (what a container's PID namespace holds,
+    whatever sessions they made); how many were signalled."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])  # field 4 of /proc/PID/stat: ppid
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    tree, frontier = {leader}, [leader]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    count = 0
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            count += 1
+    return count
