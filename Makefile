@@ -56,6 +56,7 @@ lint: setup
 	$(BIN)/ruff format --check operator trainer_image tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/hadolint operator/Dockerfile trainer_image/Dockerfile
 
 crds: setup
 	$(BIN)/lora-operator crds --dir crds
