@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml scripts/install-tools.sh
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
-	$(PIP) install -q -e ".[operator,trainer,local,dev]"
+	$(PIP) install -q -e ".[operator,trainer,local,report,dev]"
 	bash scripts/install-tools.sh $(VENV)
 	touch $(STAMP)
 
@@ -46,10 +46,9 @@ tiny-model: setup
 demo: setup tiny-model
 	@echo "== 1/2 validating the examples (what kubectl apply would check) =="
 	$(BIN)/lora-operator validate examples/*.yaml
-	@echo "== 2/2 training examples/quickstart.yaml on CPU: the tiny model, about a minute =="
-	rm -rf /tmp/lora-operator/runs/quickstart
-	$(BIN)/lora-train --spec examples/quickstart.yaml
-	@echo "outputs: /tmp/lora-operator/runs/quickstart (trace.jsonl, data_stats.json, summary.json, adapter/)"
+	@echo "== 2/2 dev mode: emulated API + pod runner + operator; the quickstart and the collapse demo =="
+	rm -rf /tmp/lora-operator/runs/quickstart /tmp/lora-operator/runs/collapse-demo
+	$(BIN)/lora-operator dev --exit-when-done --timeout 900 examples/quickstart.yaml examples/collapse-demo.yaml
 
 lint: setup
 	$(BIN)/ruff check operator trainer_image tests bench

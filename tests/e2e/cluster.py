@@ -11,27 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lora_operator.api import constants as c
-from lora_operator.cli.local_api import kubeconfig
-from lora_operator.controller.handlers import operate
-from lora_operator.controller.metrics import OperatorMetrics
 from lora_operator.controller.settings import OperatorConfig
-from lora_operator.local import LocalApiServer, PodRunner
-from lora_operator.local.kubeapi import KubeClient
+from lora_operator.dev.cluster import DevCluster, dev_cluster
 from tests.conftest import EXAMPLES, deep_merge
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = ROOT / ".venv" / "bin" / "kubectl"
-CRD = yaml.safe_load((ROOT / "crds" / "lorafinetunes.lora-operator.dev.yaml").read_text())
 NS = "default"
 LFTS = f"/apis/{c.API_VERSION}/namespaces/{NS}/{c.PLURAL}"
 CHILDREN = {
@@ -42,38 +35,8 @@ CHILDREN = {
 PODS = f"/api/v1/namespaces/{NS}/pods"
 
 
-@dataclass
-class Cluster:
-    api: LocalApiServer
-    runner: PodRunner
-    client: KubeClient
-    kubeconfig: Path
-    config: OperatorConfig
-    operator: threading.Thread | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
-
-    async def start_operator(self) -> None:
-        """The operator in its own thread and loop, as in a separate process: on stop, kopf
-        cancels every task its loop started (here: none of the runner's)."""
-        self.stop, ready = threading.Event(), threading.Event()
-        stop = self.stop
-
-        def serve() -> None:
-            asyncio.run(
-                operate(self.config, stop_flag=stop, ready_flag=ready, metrics=self.metrics)
-            )
-
-        self.operator = threading.Thread(target=serve, daemon=True)
-        self.operator.start()
-        assert await asyncio.to_thread(ready.wait, 20), "the operator did not start"
-
-    async def stop_operator(self) -> None:
-        assert self.operator is not None
-        self.stop.set()
-        await asyncio.to_thread(self.operator.join, 60)
-        assert not self.operator.is_alive(), "the operator did not stop"
-        self.operator = None
+class Cluster(DevCluster):
+    """The dev cluster plus what the tests read: kubectl, the job, its children."""
 
     async def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
         cache = str(self.kubeconfig.with_suffix(".cache"))
@@ -97,33 +60,17 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def local_cluster(tmp_path: Path, operator: bool = True) -> AsyncIterator[Cluster]:
-    """The emulated API (with the CRD), the pod runner and the operator."""
-    path = tmp_path / "kubeconfig"
-    async with (
-        LocalApiServer.running() as api,
-        PodRunner.running(api.api_url, tmp_path / "state") as runner,
-        KubeClient(api.api_url) as client,
-    ):
-        api.pod_logs = runner.log_path
-        path.write_text(yaml.safe_dump(kubeconfig(api.api_url)))
-        await client.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", CRD)
-        config = OperatorConfig(
-            "ignored:0.1",
-            (NS,),
-            kubeconfig=path,
-            watch_timeout_seconds=5,
-            health_interval_seconds=2.0,
-            health_timeout_seconds=2.0,
-            metrics_port=None,
-        )
-        cl = Cluster(api, runner, client, path, config)
-        if operator:
-            await cl.start_operator()
-        try:
-            yield cl
-        finally:
-            if cl.operator is not None:
-                await cl.stop_operator()
+    """The emulated API (with the CRD), the pod runner and the operator (fast health ticks)."""
+    config = OperatorConfig(
+        "ignored:0.1",
+        (NS,),
+        watch_timeout_seconds=5,
+        health_interval_seconds=2.0,
+        health_timeout_seconds=2.0,
+        metrics_port=None,
+    )
+    async with dev_cluster(tmp_path / "state", config, operator=operator, cls=Cluster) as cl:
+        yield cl
 
 
 async def until(check: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:

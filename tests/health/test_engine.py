@@ -144,3 +144,20 @@ def test_odd_values_in_any_field_never_crash(value: object) -> None:
     for r in [*trace(4), record, *trace(80)[5:]]:
         engine.observe(r)
     assert engine.verdict in c.VERDICTS
+
+
+def test_the_termination_message_fits_the_kubelet_limit_and_keeps_the_verdict() -> None:
+    import json
+
+    from lora_operator.health.summary import termination_message
+
+    rule = {"rule": "LoRAGradientCollapse", "severity": "Degraded", "since_step": 50,
+            "message": "m" * 3000, "evidence": {"worst": ["x" * 500] * 20}}  # fmt: skip
+    report = {"verdict": "Degraded", "step": 60, "total_steps": 200, "rules": [rule] * 5}
+    text = termination_message(report)
+    assert len(text.encode()) <= 4096
+    body = json.loads(text)
+    assert (body["verdict"], body["step"], body["rules"][0]["rule"]) == (
+        "Degraded", 60, "LoRAGradientCollapse")  # fmt: skip
+    small = {"verdict": "Healthy", "step": 3, "rules": []}
+    assert json.loads(termination_message(small)) == small

@@ -399,3 +399,35 @@ def test_ttl_never_deletes_a_running_job(body: Body) -> None:
     body = started(body)
     _, decision = step(body, running_observed(body), "2026-01-02T00:00:00Z")
     assert not decision.delete_self
+
+
+def test_the_final_verdict_of_a_finished_job_comes_from_the_termination_message(
+    body: Body,
+) -> None:
+    """A job too short for the health timer: its rank-0 trainer's last /health body (left in
+    its termination message) gives the final progress, metrics and verdict."""
+    body = started(body)
+    configmap, job, _ = built(body)
+    done = with_status(job, {"conditions": [job_cond("Complete", "CompletionsReached")]})
+    final = health(200, c.VERDICT_HEALTHY).body
+    assert final is not None
+    observed = Observed(configmap, {"kind": "Service"}, done, final_health=dict(final))
+    body, decision = step(body, observed, LATER)
+    assert decision.status["phase"] == c.PHASE_SUCCEEDED
+    assert decision.status["health"]["verdict"] == c.VERDICT_HEALTHY
+    assert decision.status["progress"]["percent"] == 100.0
+    assert cond(decision, c.COND_DEGRADED)["status"] == "False"
+    # a health stop (exit 86) ends Failed with the rule as Degraded's reason and evidence
+    body = started(deep_merge(body, {"status": None}))
+    stopped = with_status(job, {"conditions": [job_cond(
+        "Failed", "PodFailurePolicy", "container trainer exited with exit code 86")]})  # fmt: skip
+    degraded = DEGRADED.body
+    assert degraded is not None
+    observed = Observed(configmap, {"kind": "Service"}, stopped, final_health=dict(degraded))
+    body, decision = step(body, observed, LATER)
+    assert decision.status["phase"] == c.PHASE_FAILED
+    assert cond(decision, c.COND_FAILED)["reason"] == c.REASON_HEALTH_POLICY
+    assert cond(decision, c.COND_DEGRADED)["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE
+    assert ("Warning", c.RULE_LORA_GRADIENT_COLLAPSE) in [
+        (e.type, e.reason) for e in decision.events
+    ]

@@ -19,6 +19,9 @@ from typing import Any
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
+ENV_TERMINATION_LOG = "LORA_TERMINATION_LOG"  # set by the operator: the termination log path
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-train",
@@ -76,9 +79,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, DataError) as err:
         print(f"lora-train: {err}", file=sys.stderr)
         return EXIT_ERROR
-    if result.summary.get("final") and int(os.environ.get("RANK", "0")) == 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if result.summary.get("final") and rank0:
         print(describe_gain(result.summary, output))
+    if rank0 and result.summary.get("health") and os.environ.get(ENV_TERMINATION_LOG):
+        _write_termination_log(Path(os.environ[ENV_TERMINATION_LOG]), result.summary["health"])
     return result.exit_code
+
+
+def _write_termination_log(path: Path, health: dict[str, Any]) -> None:
+    """The final verdict where the operator reads it (the pod's termination message): a
+    job too short for the operator's health timer still ends with its verdict in status."""
+    from lora_operator.health.summary import termination_message
+    from lora_trainer.trace import json_safe
+
+    try:
+        path.write_text(termination_message(json_safe(health)))
+    except OSError as exc:  # best effort: the run itself succeeded
+        logging.getLogger(__name__).warning("cannot write %s: %s", path, exc)
 
 
 def _preflight(
@@ -96,19 +114,11 @@ def _preflight(
 
 def describe_gain(summary: dict[str, Any], output: Path) -> str:
     """One line a user reads at the end: what the adapter changed, where it is."""
-    base, final = summary.get("baseline", {}), summary["final"]
-    parts = []
-    for key, label, fmt in (
-        ("eval_loss", "eval loss", ".3f"),
-        ("eval_bleu", "BLEU", ".1f"),
-        ("eval_rougeL", "ROUGE-L", ".3f"),
-    ):
-        if key in final:
-            before = f"{base[key]:{fmt}} -> " if key in base else ""
-            parts.append(f"{label} {before}{final[key]:{fmt}}")
+    from lora_operator.health.summary import gain_text
+
     return (
         f"lora-train: {summary['steps']} steps in {summary['runtime_seconds']:.0f}s; "
-        f"{', '.join(parts)}; adapter: {output / 'adapter'}"
+        f"{gain_text(summary)}; adapter: {output / 'adapter'}"
     )
 
 

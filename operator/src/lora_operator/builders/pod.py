@@ -20,6 +20,7 @@ from lora_operator.builders.names import (
 NON_ROOT_UID = 65532
 HF_TOKEN_MOUNT = "/var/run/secrets/lora-operator/hf-token"
 METRICS_DIR = "/tmp/prometheus"
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMessagePath
 
 
 def pvc_claims(spec: LoRAFineTuneSpec) -> list[str]:
@@ -87,6 +88,7 @@ def _env(spec: LoRAFineTuneSpec, owner: Owner, names: ChildNames) -> list[dict[s
         {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
         {"name": "HOME", "value": "/tmp/home"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "LORA_TERMINATION_LOG", "value": TERMINATION_LOG},
     ]
     if spec.model.token_secret_ref is not None:
         env.append({"name": "LORA_HF_TOKEN_FILE", "value": f"{HF_TOKEN_MOUNT}/token"})
@@ -127,6 +129,8 @@ def _container(spec: LoRAFineTuneSpec, owner: Owner, image: str) -> dict[str, An
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
         ],
         "resources": _resources(spec),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": _mounts(spec),
         "securityContext": {
             "allowPrivilegeEscalation": False,

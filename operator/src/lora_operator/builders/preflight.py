@@ -8,8 +8,8 @@ from typing import Any
 from lora_operator.api.spec import LoRAFineTuneSpec
 from lora_operator.builders.job import build_indexed_job
 from lora_operator.builders.names import SPEC_FILE, SPEC_MOUNT, ChildNames, Owner, metadata
+from lora_operator.builders.pod import TERMINATION_LOG
 
-TERMINATION_LOG = "/dev/termination-log"
 PREFLIGHT_DEADLINE_SECONDS = 3600  # loading a large base model from a volume takes a while
 
 
@@ -42,9 +42,8 @@ def build_preflight_job(spec: LoRAFineTuneSpec, owner: Owner, image: str) -> dic
     container["terminationMessagePath"] = TERMINATION_LOG
     container["terminationMessagePolicy"] = "FallbackToLogsOnError"
     container.pop("ports", None)
-    container["env"] = [
-        e for e in container["env"] if e["name"] not in ("LORA_NNODES", "LORA_NPROC_PER_NODE")
-    ]
+    skip = ("LORA_NNODES", "LORA_NPROC_PER_NODE", "LORA_TERMINATION_LOG")
+    container["env"] = [e for e in container["env"] if e["name"] not in skip]
     resources = copy.deepcopy(container["resources"])
     gpu = spec.resources.gpu_resource_name
     for part in ("requests", "limits"):

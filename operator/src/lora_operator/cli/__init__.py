@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lora_operator import __version__
 from lora_operator.api import constants as c
-from lora_operator.cli import crds, health, local_api, preflight, run, validate
+from lora_operator.cli import crds, dev, health, local_api, preflight, report, run, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.register(commands)
     preflight.register(commands)
     run.register(commands)
+    report.register(commands)
+    dev.register(commands)
     return parser
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from lora_operator.api import constants as c
+from lora_operator.local.kubeconfig import kubeconfig
 
 EPILOG = """\
 The API server is an emulation (lora_operator.local): it keeps objects in memory, serves JSON
@@ -62,19 +63,6 @@ def register(commands: Any) -> None:
         "--no-runner", action="store_true", help="serve the API only; pods are not run"
     )
     parser.set_defaults(run=run)
-
-
-def kubeconfig(url: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "lora-local",
-        "clusters": [{"name": "lora-local", "cluster": {"server": url}}],
-        "contexts": [
-            {"name": "lora-local", "context": {"cluster": "lora-local", "namespace": "default"}}
-        ],
-        "users": [{"name": "lora-local", "user": {}}],
-    }
 
 
 @contextlib.asynccontextmanager

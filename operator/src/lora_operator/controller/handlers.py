@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime
 import logging
 import threading
@@ -31,7 +32,13 @@ from lora_operator.controller.health_watch import Probe, parse_body
 from lora_operator.controller.httpserver import serve, stop
 from lora_operator.controller.kube import ApiError, Kube, load_client, read_health
 from lora_operator.controller.metrics import OperatorMetrics
-from lora_operator.controller.reconcile import Decision, Observed, reconcile
+from lora_operator.controller.reconcile import (
+    TERMINAL_PHASES,
+    Decision,
+    Observed,
+    job_finished,
+    reconcile,
+)
 from lora_operator.controller.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
@@ -88,6 +95,7 @@ class Controller:
                 if raw is None or raw["metadata"].get("deletionTimestamp"):
                     return
                 observed = await asyncio.to_thread(kube.observe, namespace, name)
+                observed = await self._final_health(kube, raw, observed)
                 probe = await self._probe(kube, namespace, name, observed) if read_health else None
                 decision = reconcile(raw, observed, self.config, now_iso(), probe)
                 await self._apply(kube, raw, decision)
@@ -97,6 +105,19 @@ class Controller:
                 self.metrics.observe(
                     namespace, name, decision.status.get("phase"), decision.degraded_reason
                 )
+
+    async def _final_health(self, kube: Kube, raw: dict[str, Any], observed: Observed) -> Observed:
+        """When the training Job just finished: the trainer's final verdict."""
+        job = observed.job
+        phase = (raw.get("status") or {}).get("phase")
+        if job is None or not job_finished(job) or phase in TERMINAL_PHASES:
+            return observed
+        meta = raw["metadata"]
+        final = await asyncio.to_thread(
+            kube.final_health, meta.get("namespace") or "default", meta["name"],
+            job["metadata"].get("uid") or "",
+        )  # fmt: skip
+        return dataclasses.replace(observed, final_health=final)
 
     async def _probe(
         self, kube: Kube, namespace: str, name: str, observed: Observed

@@ -157,9 +157,11 @@ def assess(
     probe: Probe,
     running_since: str | None,
     now: str,
+    judge_stall: bool = True,
 ) -> HealthOutcome:
     """The status after PROBE (see the module docstring). RUNNING_SINCE: when the job last
-    started running (the Running condition's transition time)."""
+    started running (the Running condition's transition time). JUDGE_STALL False for the
+    final verdict of a finished job."""
     old_health = dict(old.get("health") or {})
     parsed = parse_body(probe.body) if probe.body is not None else None
     if parsed is None:
@@ -191,7 +193,9 @@ def assess(
         if parsed["metrics"][key] is not None:
             metrics[field] = parsed["metrics"][key]
     rules = list(parsed["rules"])
-    stall = _stall(spec, progress["lastStepTime"], running_since, now, step)
+    stall = (
+        _stall(spec, progress["lastStepTime"], running_since, now, step) if judge_stall else None
+    )
     if stall is not None:
         rules.append(stall)
     degraded = next((r for r in rules if r["severity"] in DEGRADED_VERDICTS), None)

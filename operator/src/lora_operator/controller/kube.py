@@ -17,6 +17,7 @@ import kubernetes
 
 from lora_operator.api import constants as c
 from lora_operator.builders import ChildNames
+from lora_operator.builders.names import TRAINER_CONTAINER
 from lora_operator.controller.health_watch import Probe
 from lora_operator.controller.reconcile import Observed
 
@@ -140,6 +141,26 @@ class Kube:
         if not ports:
             return None
         return f"http://{pod['status']['podIP']}:{ports[0]['containerPort']}"
+
+    def final_health(self, namespace: str, name: str, job_uid: str) -> dict[str, Any] | None:
+        """The last /health body the rank-0 trainer of Job JOB_UID left in its termination
+        message, if any."""
+        labels = {c.LABEL_JOB_NAME: name, c.LABEL_ROLE: "trainer", JOB_INDEX_LABEL: "0"}
+        pods = [
+            p
+            for p in self.pods(namespace, labels)
+            if any(o.get("uid") == job_uid for o in p["metadata"].get("ownerReferences") or [])
+        ]
+        pod = _latest(pods)
+        for status in ((pod or {}).get("status") or {}).get("containerStatuses") or []:
+            message = ((status.get("state") or {}).get("terminated") or {}).get("message")
+            if status.get("name") == TRAINER_CONTAINER and message:
+                try:
+                    body = json.loads(message)
+                except ValueError:
+                    return None  # e.g. the log tail of a crash (FallbackToLogsOnError)
+                return body if isinstance(body, dict) else None
+        return None
 
     def delete(self, api_version: str, plural: str, namespace: str, name: str, uid: str) -> None:
         """Delete with a uid precondition (never a newer object of the same name); the

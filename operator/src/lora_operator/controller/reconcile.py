@@ -61,6 +61,7 @@ class Observed:
     job: dict[str, Any] | None = None
     preflight_job: dict[str, Any] | None = None
     preflight_pod: dict[str, Any] | None = None  # the pre-flight Job's (latest) pod
+    final_health: dict[str, Any] | None = None  # the rank-0 trainer's termination message
 
 
 @dataclass(frozen=True)
@@ -163,13 +164,15 @@ def reconcile(
         phase = c.PHASE_STARTING if not out.preflight_failed else phase
     if was_terminal:
         phase = old["phase"]  # terminal is forever, even if the Job is gone
+    elif phase in TERMINAL_PHASES and spec is not None and observed.final_health is not None:
+        _final_health(spec, old, observed.final_health, st, status)
     status |= {
         "phase": phase,
         "observedGeneration": meta.get("generation"),
         "conditions": st.conditions,
     }
     status |= _times(old, job, phase, now)
-    if phase == c.PHASE_SUCCEEDED and old.get("phase") != phase:
+    if phase == c.PHASE_SUCCEEDED and old.get("phase") != phase and "progress" not in status:
         status |= _completed_progress(old)
     if phase != old.get("phase"):
         st.events.append(_phase_event(old.get("phase"), phase, st.conditions))
@@ -359,6 +362,26 @@ def _health(
         st.set(c.COND_RUNNING, False, c.REASON_HEALTH_POLICY, "stopped by the health policy")
         out.delete_job = job["metadata"].get("uid")
         out.job_patch = None
+
+
+def _final_health(
+    spec: LoRAFineTuneSpec,
+    old: dict[str, Any],
+    body: dict[str, Any],
+    st: _Status,
+    status: dict[str, Any],
+) -> None:
+    """The trainer's last verdict (its termination message) when the job ends: a job too
+    short for the health timer still ends with its progress, metrics and verdict."""
+    outcome = assess(spec, old, Probe(body=body), None, st.now, judge_stall=False)
+    if not outcome.known:
+        return
+    status |= outcome.status
+    bad = outcome.degraded
+    if bad is not None:
+        st.set(c.COND_DEGRADED, True, bad.rule, bad.message, warn_on_true=True)
+    else:
+        st.set(c.COND_DEGRADED, False, c.REASON_HEALTHY, "no Degraded or Critical rule fired")
 
 
 def _completed_progress(old: dict[str, Any]) -> dict[str, Any]:

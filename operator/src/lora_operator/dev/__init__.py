@@ -1,0 +1,1 @@
+"""Dev mode: the whole product on this machine (emulated API, pod runner, operator)."""
