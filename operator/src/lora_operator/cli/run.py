@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"run: {exc}", file=sys.stderr)
         return c.EXIT_USAGE
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:  # one INFO line per handler run is noise at a thousand jobs' ticks
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         asyncio.run(operate(config))
     except OSError as exc:

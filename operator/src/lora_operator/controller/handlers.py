@@ -21,6 +21,8 @@ import datetime
 import logging
 import threading
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
@@ -44,6 +46,7 @@ from lora_operator.controller.settings import OperatorConfig
 logger = logging.getLogger(__name__)
 RETRY_DELAY = 5.0
 HEARTBEAT_SECONDS = 5.0
+API_THREADS = 64
 HEARTBEAT_TIMEOUT = 60.0  # /healthz fails when the event loop has not run for this long
 
 
@@ -79,6 +82,23 @@ class Controller:
         self._locks: collections.defaultdict[tuple[str, str], asyncio.Lock] = (
             collections.defaultdict(asyncio.Lock)
         )
+        self._endpoints: dict[tuple[str, str], tuple[str, str]] = {}  # -> (job uid, URL)
+        self._ticked: set[str] = set()  # uids whose health timer ran once
+
+    def forget(self, namespace: str, name: str) -> None:
+        """A deleted LoRAFineTune: drop what is kept for it."""
+        self._endpoints.pop((namespace, name), None)
+        self._locks.pop((namespace, name), None)
+        self.metrics.forget(namespace, name)
+
+    async def spread(self, uid: str) -> None:
+        """Before an object's first health tick: wait a stable share of the interval (from
+        its uid), so jobs created together do not all read /health in the same instant."""
+        if uid in self._ticked:
+            return
+        self._ticked.add(uid)
+        share = zlib.crc32(uid.encode()) / 2**32
+        await asyncio.sleep(share * self.config.health_interval_seconds)
 
     def login(self) -> kopf.ConnectionInfo:
         client = load_client(self.config.kubeconfig)
@@ -91,12 +111,20 @@ class Controller:
         assert kube is not None, "login runs first"
         async with self._locks[(namespace, name)]:
             with self.metrics.time_reconcile():
-                raw = await asyncio.to_thread(kube.get_lorafinetune, namespace, name)
+                # the reads go out together: the object, its children and (when the
+                # rank-0 endpoint is known) /health, whose answer is used only if the Job
+                # turns out to be running
+                raw, observed, early = await asyncio.gather(
+                    asyncio.to_thread(kube.get_lorafinetune, namespace, name),
+                    self._observe(kube, namespace, name),
+                    self._early_read(namespace, name) if read_health else _none(),
+                )
                 if raw is None or raw["metadata"].get("deletionTimestamp"):
                     return
-                observed = await asyncio.to_thread(kube.observe, namespace, name)
                 observed = await self._final_health(kube, raw, observed)
-                probe = await self._probe(kube, namespace, name, observed) if read_health else None
+                probe = None
+                if read_health:
+                    probe = await self._probe(kube, namespace, name, observed, early)
                 decision = reconcile(raw, observed, self.config, now_iso(), probe)
                 await self._apply(kube, raw, decision)
             if decision.delete_self:
@@ -105,6 +133,28 @@ class Controller:
                 self.metrics.observe(
                     namespace, name, decision.status.get("phase"), decision.degraded_reason
                 )
+
+    async def _observe(self, kube: Kube, namespace: str, name: str) -> Observed:
+        """The children, read concurrently; the pre-flight Job and pod only while there is
+        no training Job (once training started they decide nothing)."""
+        names = ChildNames(name)
+        job, configmap, service = await asyncio.gather(
+            asyncio.to_thread(kube.get, "batch/v1", "jobs", namespace, names.job),
+            asyncio.to_thread(kube.get, "v1", "configmaps", namespace, names.configmap),
+            asyncio.to_thread(kube.get, "v1", "services", namespace, names.service),
+        )
+        preflight_job = preflight_pod = None
+        if job is None:
+            preflight_job, preflight_pod = await asyncio.to_thread(kube.preflight, namespace, name)
+        return Observed(configmap, service, job, preflight_job, preflight_pod)
+
+    async def _early_read(self, namespace: str, name: str) -> tuple[str, str, Probe] | None:
+        """/health at the cached rank-0 endpoint: (job uid, endpoint, probe), or None."""
+        cached = self._endpoints.get((namespace, name))
+        if cached is None:
+            return None
+        probe = await asyncio.to_thread(read_health, cached[1], self.config.health_timeout_seconds)
+        return cached[0], cached[1], probe
 
     async def _final_health(self, kube: Kube, raw: dict[str, Any], observed: Observed) -> Observed:
         """When the training Job just finished: the trainer's final verdict."""
@@ -120,21 +170,37 @@ class Controller:
         return dataclasses.replace(observed, final_health=final)
 
     async def _probe(
-        self, kube: Kube, namespace: str, name: str, observed: Observed
+        self,
+        kube: Kube,
+        namespace: str,
+        name: str,
+        observed: Observed,
+        early: tuple[str, str, Probe] | None,
     ) -> Probe | None:
-        """A read of the rank-0 trainer's /health while the training Job runs (else None)."""
+        """A read of the rank-0 trainer's /health while the training Job runs (else None);
+        EARLY: the read already made at the cached endpoint."""
         job = observed.job
-        if job is None or (job.get("spec") or {}).get("suspend"):
+        key = (namespace, name)
+        if job is None or (job.get("spec") or {}).get("suspend") or job_finished(job):
+            self._endpoints.pop(key, None)
             return None
         uid = job["metadata"].get("uid") or ""
-        endpoint = await asyncio.to_thread(kube.rank0_endpoint, namespace, name, uid)
-        if endpoint is None:
-            return None  # no running rank-0 pod yet: nothing to read
-        probe = await asyncio.to_thread(read_health, endpoint, self.config.health_timeout_seconds)
-        if probe.error is not None:  # the pod may have ended meanwhile: then no reading
+        endpoint: str | None
+        if early is not None and early[0] == uid:
+            endpoint, probe = early[1], early[2]
+        else:  # a pod LIST only when the rank-0 pod is new
+            endpoint = await asyncio.to_thread(kube.rank0_endpoint, namespace, name, uid)
+            if endpoint is None:
+                return None  # no running rank-0 pod yet: nothing to read
+            self._endpoints[key] = (uid, endpoint)
+            timeout = self.config.health_timeout_seconds
+            probe = await asyncio.to_thread(read_health, endpoint, timeout)
+        if probe.error is not None:  # the pod may have ended or moved: then no reading
+            self._endpoints.pop(key, None)
             again = await asyncio.to_thread(kube.rank0_endpoint, namespace, name, uid)
             if again != endpoint:
                 return None
+            self._endpoints[key] = (uid, endpoint)
         kind = probe.error or (None if parse_body(probe.body) is not None else "malformed")
         if kind is not None:
             self.metrics.health_read_error(kind)
@@ -202,7 +268,8 @@ def build_registry(config: OperatorConfig, controller: Controller) -> kopf.Opera
 
     @kopf.timer(*lft, id="health", interval=config.health_interval_seconds,
                 initial_delay=config.health_interval_seconds, registry=registry)  # fmt: skip
-    async def health(name: str, namespace: str | None, **_: Any) -> None:
+    async def health(name: str, namespace: str | None, uid: str, **_: Any) -> None:
+        await controller.spread(uid)
         try:
             await controller.sync(namespace or "default", name, read_health=True)
         except ApiError as err:  # the next tick retries
@@ -216,7 +283,7 @@ def build_registry(config: OperatorConfig, controller: Controller) -> kopf.Opera
         **_: Any,  # noqa: A002 (kopf's name)
     ) -> None:
         if type == "DELETED":
-            controller.metrics.forget(namespace or "default", name)
+            controller.forget(namespace or "default", name)
 
     labels: dict[str, Any] = {
         c.LABEL_MANAGED_BY: c.MANAGED_BY_VALUE,
@@ -248,8 +315,11 @@ async def operate(
     own loop (threading.Event flags), not next to other tasks.
     """
     controller = Controller(config, metrics)
-    kopf_ready: asyncio.Event | threading.Event = ready_flag or asyncio.Event()
+    # the API and /health calls block in threads (asyncio.to_thread): enough of them that
+    # a thousand jobs' ticks do not queue behind the default pool's few workers
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube"))
+    kopf_ready: asyncio.Event | threading.Event = ready_flag or asyncio.Event()
     beat = [time.monotonic()]  # the event loop's heartbeat: /healthz fails when it stalls
     timer: list[asyncio.TimerHandle] = []
 
@@ -280,3 +350,7 @@ async def operate(
             handle.cancel()
         if server is not None:
             stop(server)
+
+
+async def _none() -> None:
+    return None

@@ -19,7 +19,6 @@ from lora_operator.api import constants as c
 from lora_operator.builders import ChildNames
 from lora_operator.builders.names import TRAINER_CONTAINER
 from lora_operator.controller.health_watch import Probe
-from lora_operator.controller.reconcile import Observed
 
 JOB_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 HEALTH_BODY_LIMIT = 1 << 20  # /health stays small; anything bigger is not one
@@ -93,24 +92,16 @@ class Kube:
     def get_lorafinetune(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.request("GET", object_path(c.API_VERSION, c.PLURAL, namespace, name))
 
-    def observe(self, namespace: str, name: str) -> Observed:
-        names = ChildNames(name)
+    def get(self, api_version: str, plural: str, namespace: str, name: str) -> Any:
+        return self.request("GET", object_path(api_version, plural, namespace, name))
 
-        def get(api_version: str, plural: str, child: str) -> dict[str, Any] | None:
-            return self.request("GET", object_path(api_version, plural, namespace, child))
-
-        preflight_job = get("batch/v1", "jobs", names.preflight)
-        preflight_pod = None
-        if preflight_job is not None:
-            pods = self.pods(namespace, {c.LABEL_JOB_NAME: name, c.LABEL_ROLE: "preflight"})
-            preflight_pod = _latest(pods)
-        return Observed(
-            configmap=get("v1", "configmaps", names.configmap),
-            service=get("v1", "services", names.service),
-            job=get("batch/v1", "jobs", names.job),
-            preflight_job=preflight_job,
-            preflight_pod=preflight_pod,
-        )
+    def preflight(self, namespace: str, name: str) -> tuple[Any, Any]:
+        """The pre-flight Job and its latest pod (None, None when there is none)."""
+        job = self.get("batch/v1", "jobs", namespace, ChildNames(name).preflight)
+        if job is None:
+            return None, None
+        pods = self.pods(namespace, {c.LABEL_JOB_NAME: name, c.LABEL_ROLE: "preflight"})
+        return job, _latest(pods)
 
     def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())

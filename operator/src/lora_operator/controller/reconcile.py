@@ -10,6 +10,7 @@ job never gets children again.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from lora_operator.conditions import derive_phase, is_true, set_condition
 from lora_operator.controller.health_watch import Probe, assess, parse_time
 from lora_operator.controller.settings import OperatorConfig
 from lora_operator.controller.spec_checks import semantic_problems
-from lora_operator.validation import validate_body
+from lora_operator.validation import DocumentResult, validate_body
 
 LIVE_FIELDS = ("runPolicy",)  # may change while running; everything else is fixed at start
 REASON_STARTED = "JobStarted"
@@ -47,6 +48,7 @@ REASON_PREFLIGHT_WARNINGS = "PreflightPassedWithWarnings"
 REASON_PREFLIGHT_FAILED = "PreflightFailed"
 REASON_RECOVERED = "Recovered"
 TERMINAL_PHASES = (c.PHASE_SUCCEEDED, c.PHASE_FAILED)
+VALIDATION_CACHE = 4096  # distinct specs kept validated (a few KiB each)
 # Set by the operator on the LoRAFineTune when onDegraded=Suspend suspended it (with
 # spec.runPolicy.suspend=true, so the spec says what happened and `suspend: false` resumes).
 ANNOTATION_HEALTH_SUSPEND = f"{c.GROUP}/suspended-by-health"
@@ -419,7 +421,7 @@ def _accepted_spec(
         "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
         "spec": body.get("spec"),
     }
-    result = validate_body(envelope, "spec")
+    result = _validated(json.dumps(envelope, sort_keys=True))
     problems = result.problems
     if result.resource is not None:
         problems = semantic_problems(result.resource.spec, config)
@@ -443,13 +445,25 @@ def _accepted_spec(
     return started.model_copy(update={"run_policy": spec.run_policy})
 
 
+@functools.lru_cache(maxsize=VALIDATION_CACHE)
+def _validated(envelope: str) -> DocumentResult:
+    """validate_body of a JSON text, memoized: a spec is validated (CEL included) once, not
+    on every health tick of every job. Results are never mutated."""
+    return validate_body(json.loads(envelope), "spec")
+
+
 def started_spec(configmap: dict[str, Any] | None) -> LoRAFineTuneSpec | None:
     """The spec the job started with (from its ConfigMap), if it started."""
     if configmap is None:
         return None
+    text = (configmap.get("data") or {}).get(SPEC_FILE)
+    return _started_from(text) if isinstance(text, str) else None
+
+
+@functools.lru_cache(maxsize=VALIDATION_CACHE)
+def _started_from(text: str) -> LoRAFineTuneSpec | None:
     try:
-        doc = json.loads((configmap.get("data") or {})[SPEC_FILE])
-        return LoRAFineTuneSpec.model_validate(doc["spec"])
+        return LoRAFineTuneSpec.model_validate(json.loads(text)["spec"])
     except (KeyError, TypeError, ValueError, ValidationError):
         return None
 
