@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lora_operator import __version__
 from lora_operator.api import constants as c
-from lora_operator.cli import crds, dev, health, local_api, preflight, report, run, validate
+from lora_operator.cli import crds, dev, health, local, local_api, preflight, report, run, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.register(commands)
     report.register(commands)
     dev.register(commands)
+    local.register(commands)
     return parser
 
 
