@@ -111,6 +111,6 @@ def test_defaults_are_valid_against_their_own_schema() -> None:
 def test_api_reference_doc_matches_the_models() -> None:
     from lora_operator.api.reference import render_reference
 
-    text = (ROOT / "docs" / "api-reference.md").read_text()
-    assert text == render_reference(), "docs/api-reference.md drifted: run make crds"
+    text = (ROOT / "docs" / "api.md").read_text()
+    assert text == render_reference(), "docs/api.md drifted: run make crds"
     assert "| `spec.lora.r` | integer | `16` |" in text

@@ -40,8 +40,31 @@ def test_crds_check_detects_a_stale_rules_doc(
 ) -> None:
     stale = tmp_path / "health-rules.md"
     stale.write_text("old\n")
-    args = ["crds", "--dir", str(ROOT / "crds"), "--reference", str(DOCS / "api-reference.md")]
+    args = ["crds", "--dir", str(ROOT / "crds"), "--reference", str(DOCS / "api.md")]
     assert main([*args, "--check", "--rules-doc", str(stale)]) == c.EXIT_ERROR
     assert "health-rules.md is out of date" in capsys.readouterr().err
     assert main([*args, "--rules-doc", str(stale)]) == c.EXIT_OK
     assert stale.read_text() == render_rules_doc()
+
+
+def test_the_alert_rules_in_the_observability_page_are_valid_and_name_real_metrics(
+    tmp_path: Path,
+) -> None:
+    """docs/observability.md's example rules: promtool accepts them, and every metric they
+    use is one the trainer or the operator exports."""
+    import re
+    import shutil
+    import subprocess
+
+    text = (DOCS / "observability.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(block)
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool missing: scripts/install-tools.sh"
+    out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    known = (DOCS / "metrics.md").read_text() + (DOCS / "operator.md").read_text()
+    for metric in set(re.findall(r"\blora_(?:trainer|operator)_[a-z_]+", text)):
+        base = metric.removesuffix("_total")
+        assert f"`{metric}`" in known or f"`{base}_total`" in known, metric

@@ -1,4 +1,4 @@
-"""docs/api-reference.md, generated from the CRD schema (the same text as kubectl explain)."""
+"""docs/api.md, generated from the CRD schema (the same text as kubectl explain)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from lora_operator.api.crd import CRD_FILE, render_crd
 from lora_operator.api.reference import render_reference
 from lora_operator.health.reference import render_rules_doc
 
-REFERENCE = Path("docs/api-reference.md")
+REFERENCE = Path("docs/api.md")
 RULES_DOC = Path("docs/health-rules.md")
 
 
