@@ -75,6 +75,10 @@ async def test_collapse_demo_policies_preflight_and_operator_restart(
         quickstart(tiny, out / "bad", {"lora": {"targetModules": ["no_such_proj"]}}).replace(
             "name: quickstart", "name: bad-targets"
         ),
+        # passes the CRD but collides with a variable the operator sets: refused, alone
+        quickstart(
+            tiny, out / "clash", {"pod": {"env": [{"name": "LORA_NNODES", "value": "4"}]}}
+        ).replace("name: quickstart", "name: clash"),
     ]
     async with local_cluster(tmp_path) as cluster:
         await cluster.kubectl("apply", "--validate=false", "-f", "-", stdin="---\n".join(manifests))
@@ -87,6 +91,10 @@ async def test_collapse_demo_policies_preflight_and_operator_restart(
         assert await trainer_pods(cluster, "bad-targets") == []
         jobs = await cluster.children("bad-targets")
         assert [j["metadata"]["name"] for j in jobs["jobs"]] == ["bad-targets-preflight"]
+        clash = await cluster.lft("clash")
+        refused = condition(clash, c.COND_SPEC_ACCEPTED)
+        assert refused["status"] == "False" and "spec.pod.env[0].name" in refused["message"]
+        assert await cluster.children("clash") == {"configmaps": [], "services": [], "jobs": []}
 
         # Alert: Degraded with the rule and its evidence, a Warning Event, the metric; runs on
         alert = await wait_condition(cluster, "collapse-alert", c.COND_DEGRADED, "True", 240)
