@@ -93,12 +93,15 @@ def _mark_firing(ax: Axes, headline: Headline, label: bool = True) -> None:
         return
     ax.axvline(finding.step, color=FIRING, linestyle="--", linewidth=1.5)
     if label:
+        left, right = ax.get_xlim()
+        late = finding.step > (left + right) / 2  # label left of the line, inside the axes
         ax.annotate(
             f"{finding.rule}\nfired at step {finding.step}",
             xy=(finding.step, 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(4, -4),
+            xytext=(-4 if late else 4, -4),
             textcoords="offset points",
+            ha="right" if late else "left",
             va="top",
             fontsize=10,
             color=FIRING,
@@ -309,12 +312,13 @@ def plot_health(run: Run, path: Path, headline: Headline) -> None:
             color = VERDICT_COLORS.get(severity.get(rule, c.VERDICT_WARNING), "#ffb300")
             ax.broken_barh([(a, max(b - a, 0.5)) for a, b in spans], (row - 0.3, 0.6), color=color)
             first = next((f.step for f in run.health.findings if f.rule == rule), spans[0][0])
+            late = first > last / 2  # label on the side of the marker with room for it
             ax.annotate(
                 f"{rule} from step {first}",
                 (first, row),
-                xytext=(6, 0),
+                xytext=(-8 if late else 6, 0),
                 textcoords="offset points",
-                ha="left",
+                ha="right" if late else "left",
                 va="center",
                 fontsize=11,
                 fontweight="bold",
