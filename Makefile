@@ -21,8 +21,8 @@ help:
 	@echo "make demo        set up, then run the main job on the embedded default"
 	@echo "make test        set up, then lint + CRD drift check + all tests (not gpu/lab_full/chaos_full)"
 	@echo "make lint        ruff, mypy (strict), import-linter, hadolint"
-	@echo "make crds        regenerate crds/ from the API models"
-	@echo "make crds-check  fail if crds/ drifted from the models"
+	@echo "make crds        regenerate crds/, docs/api.md, docs/metrics.md, the chart's CRD, README, rules and dashboards"
+	@echo "make crds-check  fail if any of those drifted"
 	@echo "make tiny-model  regenerate the tiny CPU model and data into $(TINY_DIR)"
 	@echo "make lab         the full failure lab (real CPU training; rewrites bench/results/lab.*)"
 
@@ -60,10 +60,14 @@ lint: setup
 crds: setup
 	$(BIN)/lora-operator crds --dir crds
 	$(PY) -m lora_trainer.telemetry.catalog --write docs/metrics.md
+	$(PY) -m lora_operator.observability --write
+	$(PY) scripts/chart_sync.py
 
 crds-check: setup
 	$(BIN)/lora-operator crds --check --dir crds
 	$(PY) -m lora_trainer.telemetry.catalog --check docs/metrics.md
+	$(PY) -m lora_operator.observability --check
+	$(PY) scripts/chart_sync.py --check
 
 test: setup lint crds-check tiny-model
 	LORA_OPERATOR_TINY_DIR=$(TINY_DIR) $(PY) -m pytest -m "$(PYTEST_MARKERS)"

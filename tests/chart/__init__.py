@@ -1,0 +1,1 @@
+"""The Helm chart (charts/lora-operator), rendered by the real helm."""
