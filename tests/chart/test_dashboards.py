@@ -115,7 +115,8 @@ def test_training_dashboard_panels() -> None:
     assert dashboards.JOB_LABEL in variables["job"]["query"]
     panels = {p["title"]: p for p in _panels(dash)}
     for title in (
-        "Loss",
+        "Loss: training and eval",
+        "Eval BLEU and ROUGE-L (x100)",
         "Learning rate",
         "Tokens/s",
         "GPU memory",
@@ -129,6 +130,8 @@ def test_training_dashboard_panels() -> None:
         "Training data statistics",
     ):
         assert title in panels, title
+    loss = json.dumps(panels["Loss: training and eval"]["targets"])
+    assert "lora_trainer_loss" in loss and "lora_trainer_eval_loss" in loss
     assert panels["Health rules firing (thresholds: spec.health)"]["type"] == "state-timeline"
     heatmaps = [p for p in panels.values() if p["type"] == "heatmap"]
     assert len(heatmaps) >= 3

@@ -15,6 +15,7 @@ are the operator's business: the trainer only reports.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -48,6 +49,7 @@ class HealthSnapshot:
     verdict: str
     step: int
     rules: tuple[RuleSnapshot, ...]
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)  # latest eval etc.
 
 
 METRIC_FIELDS = {  # /health "metrics" key -> trace record field
@@ -193,7 +195,7 @@ class HealthMonitor:
                 RuleSnapshot(s.name, s.severity, s.firing, s.last_firing_step)
                 for s in engine.states.values()
             )
-            return HealthSnapshot(engine.verdict, engine.step, rules)
+            return HealthSnapshot(engine.verdict, engine.step, rules, dict(self.progress.metrics))
 
 
 class HealthStopCallback(TrainerCallback):

@@ -214,7 +214,18 @@ def training_dashboard() -> gdash.Dashboard:
         ),
         stat("Training samples", f"max by ({by}) ({t('data_samples')})", legend=job_legend),
         stat("Adapted modules", f"max by ({by}) ({t('lora_modules')})", legend=job_legend),
-        ts("Loss", "none", q(t("loss"), job_legend)),
+        ts(
+            "Loss: training and eval",
+            "none",
+            q(t("loss"), job_legend + " train"),
+            q(t("eval_loss"), job_legend + " eval", "B"),
+        ),
+        ts(
+            "Eval BLEU and ROUGE-L (x100)",
+            "none",
+            q(t("eval_bleu"), job_legend + " BLEU"),
+            q(f"100 * {t('eval_rouge_l')}", job_legend + " ROUGE-L x100", "B"),
+        ),
         ts("Gradient norm (before clipping)", "none", q(t("grad_norm"), job_legend), log=True),
         ts("Learning rate", "none", q(t("learning_rate"), job_legend + " group {{group}}")),
         ts(

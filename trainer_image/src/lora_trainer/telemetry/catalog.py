@@ -113,6 +113,14 @@ def _progress() -> Iterator[MetricDef]:
              "ZeRO stage, world size, versions, spec hash).", "",
              "lora_trainer_loss * on(pod) group_left(model, r) lora_trainer_run_info",
              scope="info", labels=RUN_INFO_LABELS, **kw)
+    for name, field, what, unit in (
+        ("eval_loss", "eval_loss", "Loss on the eval set's supervised tokens", ""),
+        ("eval_bleu", "bleu", "Corpus BLEU (0-100) of generated eval replies", ""),
+        ("eval_rouge_l", "rouge_l", "Mean ROUGE-L F1 of generated eval replies", "ratio"),
+    ):
+        yield _m(name, "gauge", f"{what} at the latest evaluation (the step-0 baseline first; "
+                 "absent until then).", unit, f"delta(lora_trainer_{name}[1h])",
+                 scope="health", field=field, when="health", **kw)
     kw["when"] = "collected"
     yield _m("telemetry_step", "gauge", "Optimizer step of the latest LoRA statistics.", "steps",
              "lora_trainer_steps_total - lora_trainer_telemetry_step", scope="step",

@@ -179,6 +179,9 @@ class LoRACollector(Collector):
             yield fam
 
 
+EVAL_FIELDS = ("eval_loss", "bleu", "rouge_l")  # HealthSnapshot.metrics keys
+
+
 def _fill_health(fam: Family, m: MetricDef, h: HealthSnapshot) -> None:
     if m.field == "verdict":
         for verdict in (c.VERDICT_UNKNOWN, c.VERDICT_HEALTHY, *c.SEVERITIES):
@@ -190,6 +193,10 @@ def _fill_health(fam: Family, m: MetricDef, h: HealthSnapshot) -> None:
         for rule in h.rules:
             if rule.last_firing_step is not None:
                 fam.add_metric([rule.rule], float(rule.last_firing_step))
+    elif m.field in EVAL_FIELDS:
+        value = h.metrics.get(m.field)
+        if value is not None:
+            fam.add_metric([], float(value))
     else:
         fam.add_metric([], float(h.step))
 
