@@ -6,7 +6,7 @@ CRDs of prometheus-operator v0.57.0, as the npm package @kubernetes-models/prome
 4.0.0 ships them. They are OpenAPI v3 (Kubernetes structural) schemas; `openapi_to_draft7` turns
 them into JSON Schema Draft 7 with these adjustments, each mirroring what the API server does:
 
-* `nullable: true` (an OpenAPI keyword Draft 7 does not know) becomes "or null".
+* `nullable: true` (an OpenAPI keyword Draft 7 does not know) becomes "or null" (a type list).
 * int-or-string fields (`x-kubernetes-int-or-string: true` in the CRD, e.g. `targetPort`, a
   rule's `expr`) are already spelled `anyOf: [{type: integer}, {type: string}]` in the data, as
   controller-gen writes them, so they need no format of their own; `x-kubernetes-*` keys, were
@@ -66,8 +66,11 @@ def openapi_to_draft7(node: Any) -> Any:
         return node
     out = {k: openapi_to_draft7(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
     if out.pop("nullable", False):
-        out = {"anyOf": [out, {"type": "null"}]}
-    elif "properties" in out and out.get("properties") and "additionalProperties" not in out:
+        if "type" in out:  # a type list keeps errors at the offending field
+            out["type"] = [out["type"], "null"]
+        else:
+            out = {"anyOf": [out, {"type": "null"}]}
+    if "properties" in out and out.get("properties") and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 
@@ -129,7 +132,7 @@ def test_int_or_string_accepts_both() -> None:
 def test_servicemonitor_port_must_be_a_string() -> None:
     obj = rendered("ServiceMonitor")
     obj["spec"]["endpoints"][0]["port"] = 123
-    assert errors(obj) == ["spec/endpoints/0/port: 123 is not of type 'string'"]
+    assert errors(obj) == ["spec/endpoints/0/port: 123 is not of type 'string', 'null'"]
 
 
 def test_unknown_spec_field_is_rejected() -> None:
@@ -142,7 +145,7 @@ def test_unknown_spec_field_is_rejected() -> None:
 def test_podmonitor_namespace_selector_any_is_a_boolean() -> None:
     obj = rendered("PodMonitor")
     obj["spec"]["namespaceSelector"]["any"] = "true"
-    assert errors(obj) == ["spec/namespaceSelector/any: 'true' is not of type 'boolean'"]
+    assert errors(obj) == ["spec/namespaceSelector/any: 'true' is not of type 'boolean', 'null'"]
 
 
 def test_prometheusrule_for_must_be_a_duration_string() -> None:
