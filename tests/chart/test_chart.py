@@ -58,6 +58,7 @@ RECORDED = {
     ("lora-operator.dev", "lorafinetunes", "watch"),  # kopf
     ("lora-operator.dev", "lorafinetunes", "patch"),  # kopf's progress annotations
     ("lora-operator.dev", "lorafinetunes", "get"),  # every reconcile
+    ("lora-operator.dev", "lorafinetunes", "delete"),  # ttlSecondsAfterFinished
     ("lora-operator.dev", "lorafinetunes/status", "patch"),
     ("", "configmaps", "get"),
     ("", "configmaps", "create"),
@@ -67,18 +68,14 @@ RECORDED = {
     ("batch", "jobs", "watch"),  # kopf
     ("batch", "jobs", "get"),
     ("batch", "jobs", "create"),
+    ("batch", "jobs", "patch"),  # spec.runPolicy suspend/resume, activeDeadlineSeconds
+    ("batch", "jobs", "delete"),  # gang restart, onDegraded=Fail on an operator-side rule
     ("", "pods", "list"),  # pre-flight verdict, rank-0 trainer address
     ("", "events", "create"),  # kopf.event()
 }
-# Granted although one successful run does not use them (each is a code path of
-# controller/kube.py that a short, healthy job never takes).
-UNEXERCISED = {
-    ("lora-operator.dev", "lorafinetunes", "delete"): "Kube.delete of a finished job after "
-    "spec.runPolicy.ttlSecondsAfterFinished (the test deletes the job itself)",
-    ("batch", "jobs", "patch"): "Kube.patch_job: spec.runPolicy.suspend and resume",
-    ("batch", "jobs", "delete"): "Kube.delete of a failed training Job (gang restart) or of a "
-    "Stalled one (onDegraded: Fail)",
-}
+# Granted although the recorded run did not use them: none (the run exercises suspend/resume,
+# a gang restart and the TTL deletion, so every verb of controller/kube.py is recorded).
+UNEXERCISED: dict[tuple[str, str, str], str] = {}
 # With watchNamespaces, kopf also watches namespaces cluster-wide (recorded by
 # test_namespaced_operator_reads_only_what_its_roles_grant).
 NAMESPACED_CLUSTER_WIDE = {("", "namespaces", "list"), ("", "namespaces", "watch")}
@@ -387,8 +384,9 @@ async def test_clusterrole_grants_exactly_what_the_operator_used(
     tiny_assets: Any, tmp_path: Path
 ) -> None:
     """Run the real operator (cluster-wide, standalone, as the chart's defaults run it) on
-    the local cluster through a pre-flight, a short training and a delete; every request
-    its clients made must be granted, and every grant used (but UNEXERCISED)."""
+    the local cluster through a pre-flight, a suspended job resumed, a short training, its
+    TTL deletion and a failing job's gang restart; every request its clients made must be
+    granted, and every grant used."""
     from lora_operator.controller.settings import OperatorConfig
     from lora_operator.dev.cluster import dev_cluster
     from tests.e2e.cluster import Cluster, quickstart, until
@@ -398,24 +396,39 @@ async def test_clusterrole_grants_exactly_what_the_operator_used(
         health_timeout_seconds=2.0, metrics_port=None,
     )  # fmt: skip
     assert config.cluster_wide and config.peering is None
-    patch = {"training": {"maxSteps": 10}, "health": {"preflight": {"enabled": True}}}
-    manifest = quickstart(Path(tiny_assets.model_dir).parent, tmp_path / "run", patch)
+    tiny = Path(tiny_assets.model_dir).parent
+    # created suspended, then resumed (Job patch); deleted by its TTL (LoRAFineTune delete)
+    patch = {
+        "training": {"maxSteps": 10},
+        "health": {"preflight": {"enabled": True}},
+        "runPolicy": {"suspend": True, "ttlSecondsAfterFinished": 0},
+    }
+    manifest = quickstart(tiny, tmp_path / "run", patch)
+    # its data file is missing: the pod fails, the gang restarts once (Job delete), then Failed
+    broken = quickstart(tiny, tmp_path / "broken", {
+        "dataset": {"source": f"file://{tmp_path / 'missing.jsonl'}"},
+        "health": {"preflight": {"enabled": False}},
+        "runPolicy": {"backoffLimit": 1},
+    }).replace("name: quickstart", "name: broken")  # fmt: skip
     async with dev_cluster(tmp_path / "state", config, cls=Cluster) as cluster:
         await cluster.kubectl("apply", "--validate=false", "-f", "-", stdin=manifest)
+        await cluster.kubectl("apply", "--validate=false", "-f", "-", stdin=broken)
 
-        async def finished() -> Any:
-            phase = ((await cluster.lft("quickstart")) or {}).get("status", {}).get("phase")
-            return phase if phase in (c.PHASE_SUCCEEDED, c.PHASE_FAILED) else None
+        async def phase_of(name: str, *phases: str) -> Any:
+            phase = ((await cluster.lft(name)) or {}).get("status", {}).get("phase")
+            return phase if phase in phases else None
 
-        assert await until(finished, timeout=300) == c.PHASE_SUCCEEDED
-        jobs = (await cluster.children("quickstart"))["jobs"]
-        assert [j["metadata"]["name"] for j in jobs] == ["quickstart-preflight", "quickstart"]
-        await cluster.kubectl("delete", "lft", "quickstart")
+        assert await until(lambda: phase_of("quickstart", c.PHASE_SUSPENDED), timeout=120)
+        await cluster.kubectl("patch", "lft", "quickstart", "--type=merge",
+                              "-p", '{"spec":{"runPolicy":{"suspend":false}}}')  # fmt: skip
 
-        async def gone() -> bool:
+        async def gone() -> bool:  # Succeeded, then deleted by the operator (TTL 0)
             return await cluster.lft("quickstart") is None
 
-        await until(gone, timeout=30)
+        await until(gone, timeout=300)
+        failed = await until(lambda: phase_of("broken", c.PHASE_FAILED), timeout=300)
+        assert failed == c.PHASE_FAILED
+        assert (await cluster.lft("broken"))["status"]["restarts"] == 1
         await asyncio.sleep(1.0)  # kopf sees the DELETED event
         await cluster.stop_operator()
         log = list(cluster.api.log)
