@@ -7,6 +7,7 @@ accepts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def validate_body(body: Any, source: str = "<input>") -> DocumentResult:
     if not isinstance(body, dict):
         return DocumentResult(source, "?", [Problem("", "a manifest must be a YAML mapping")])
     name = str((body.get("metadata") or {}).get("name", "?"))
-    problems = _envelope_problems(body)
+    problems = _envelope_problems(body) or _value_limits(body)
     if problems:
         return DocumentResult(source, name, problems)
     defaulted, problems = check_object(body, resource_schema())
@@ -50,6 +51,36 @@ def validate_body(body: Any, source: str = "<input>") -> DocumentResult:
     except ValidationError as err:
         return DocumentResult(source, name, _pydantic_problems(err))
     return DocumentResult(source, name, [], resource)
+
+
+MAX_DEPTH = 100  # nesting levels; the API server's JSON decoder refuses far less than Python's
+INT64 = (-(2**63), 2**63 - 1)  # what a Kubernetes integer holds
+
+
+def _value_limits(body: dict[str, Any]) -> list[Problem]:
+    """What the API server's decoder refuses before any schema: nesting deeper than
+    MAX_DEPTH, integers outside int64, NaN/Infinity (JSON has none). Iterative: a body
+    nested thousands of levels deep cannot exhaust the stack here."""
+    problems: list[Problem] = []
+    stack: list[tuple[str, Any, int]] = [("", body, 0)]
+    while stack and len(problems) < 10:
+        path, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            problems.append(Problem(path, f"nested deeper than {MAX_DEPTH} levels: flatten it"))
+            continue
+        if isinstance(value, dict):
+            stack.extend(
+                (f"{path}.{k}" if path else str(k), v, depth + 1) for k, v in value.items()
+            )
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+            problems.append(Problem(path, "must fit in a 64-bit integer (at most 2^63-1)"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem(path, f"must be a finite number (got {value})"))
+    return sorted(problems)
 
 
 def _envelope_problems(body: dict[str, Any]) -> list[Problem]:
@@ -82,6 +113,9 @@ def validate_file(path: Path) -> list[DocumentResult]:
         return [DocumentResult(str(path), "?", [Problem("", f"cannot read file: {err}")])]
     except yaml.YAMLError as err:
         return [DocumentResult(str(path), "?", [Problem("", f"not valid YAML: {err}")])]
+    except RecursionError:
+        message = f"nested too deeply to read (the API accepts at most {MAX_DEPTH} levels)"
+        return [DocumentResult(str(path), "?", [Problem("", message)])]
     if not documents:
         return [DocumentResult(str(path), "?", [Problem("", "no YAML document in the file")])]
     return [validate_body(doc, str(path)) for doc in documents]

@@ -34,11 +34,26 @@ def _location(uri: str) -> tuple[str, dict[str, Any]]:
     return str(path), {}
 
 
+def _remote_code_refused(err: ValueError, where: str) -> ValueError:
+    """transformers' refusal to run a repository's code, as a spec error naming the field."""
+    if "trust_remote_code=True" not in str(err):  # transformers' hint in its refusal
+        return err
+    return ValueError(
+        f"{where} needs custom code shipped with the model (trust_remote_code); it was not "
+        "loaded. Set spec.model.trustRemoteCode: true only if you trust that code."
+    )
+
+
 def load_tokenizer(spec: ModelSpec) -> Any:
     where, kwargs = _location(spec.tokenizer or spec.source)
     if spec.revision:
         kwargs["revision"] = spec.revision
-    return AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(
+            where, trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    except ValueError as err:
+        raise _remote_code_refused(err, where) from err
 
 
 def load_base_model(spec: ModelSpec, vocab_size: int | None = None) -> PreTrainedModel:
@@ -47,13 +62,16 @@ def load_base_model(spec: ModelSpec, vocab_size: int | None = None) -> PreTraine
     if spec.revision:
         kwargs["revision"] = spec.revision
     dtype = DTYPES.get(spec.dtype, "auto")
-    model = AutoModelForCausalLM.from_pretrained(
-        where,
-        dtype=dtype,
-        attn_implementation="sdpa",
-        trust_remote_code=spec.trust_remote_code,
-        **kwargs,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            trust_remote_code=spec.trust_remote_code,
+            **kwargs,
+        )
+    except ValueError as err:
+        raise _remote_code_refused(err, where) from err
     embeddings: Any = model.get_input_embeddings()
     if vocab_size is not None and vocab_size != embeddings.weight.shape[0]:
         model.resize_token_embeddings(vocab_size)

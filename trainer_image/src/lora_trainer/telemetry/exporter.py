@@ -208,11 +208,19 @@ def _version(dist: str) -> str:
         return ""
 
 
+def model_label(source: str) -> str:
+    """The model as /metrics names it: the hub id for hf://, else the last path component
+    (a local or volume path says nothing useful and shows the host's layout)."""
+    if source.startswith("hf://"):
+        return source.removeprefix("hf://")
+    return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
 def run_info_labels(spec: LoRAFineTuneSpec, spec_hash: str, world_size: int) -> dict[str, str]:
     """The lora_trainer_run_info labels of a run (bounded: one value per run)."""
     ds = spec.distributed.deepspeed
     labels = {
-        "model": spec.model.source,
+        "model": model_label(spec.model.source),
         "r": str(spec.lora.r),
         "alpha": f"{spec.lora.alpha:g}",
         "target_modules": ",".join(sorted(spec.lora.target_modules)),
