@@ -70,3 +70,24 @@ def test_crds_check_detects_drift(tmp_path: Path) -> None:
     target.write_text(target.read_text().replace("shortNames", "shortnames"))
     proc = run("crds", "--check", "--dir", str(tmp_path))
     assert proc.returncode == 1 and "make crds" in proc.stderr
+
+
+def test_validate_runs_the_operators_own_checks_too(tmp_path: Path) -> None:
+    """A spec that passes the API server's checks but clashes with what the operator sets is
+    refused by `lora-operator validate` too, naming the field."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from lora_operator.cli import main
+    from tests.conftest import EXAMPLES
+
+    body = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    body["spec"]["pod"] = {"env": [{"name": "LORA_NNODES", "value": "4"}]}
+    path = tmp_path / "clash.yaml"
+    path.write_text(yaml.safe_dump(body))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["validate", str(path)]) == 1
+    assert "spec.pod.env[0].name" in err.getvalue() and "LORA_NNODES" in err.getvalue()

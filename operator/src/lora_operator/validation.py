@@ -1,8 +1,9 @@
 """Validate LoRAFineTune manifests offline: CRD schema, CEL rules, then the models.
 
 The same checks the API server makes on `kubectl apply` (defaults, unknown fields, schema,
-CEL), followed by the operator's own parse, so a spec that passes here is one the operator
-accepts.
+CEL, and its decoder's limits), followed by the operator's own parse. `lora-operator validate`
+adds the operator's semantic checks (controller.spec_checks), so a spec that passes there is
+one the operator accepts.
 """
 
 from __future__ import annotations

@@ -28,13 +28,28 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    results = [r for path in args.files for r in validate_file(path)]
+    results = [_with_operator_checks(r) for path in args.files for r in validate_file(path)]
     if args.output == "json":
         print(json.dumps([_as_json(r) for r in results], indent=2))
     else:
         for result in results:
             _print_text(result, args.quiet)
     return c.EXIT_OK if all(r.ok for r in results) else c.EXIT_ERROR
+
+
+def _with_operator_checks(result: DocumentResult) -> DocumentResult:
+    """Add what the operator checks beyond the API server (names it sets itself, its ports
+    and volumes, the image allow-list from $LORA_OPERATOR_IMAGE_ALLOWLIST): a spec that
+    passes here is one the operator accepts."""
+    from lora_operator.controller.settings import OperatorConfig
+    from lora_operator.controller.spec_checks import semantic_problems
+
+    if result.resource is None or result.problems:
+        return result
+    problems = semantic_problems(result.resource.spec, OperatorConfig.from_env())
+    if not problems:
+        return result
+    return DocumentResult(result.source, result.name, sorted(problems), None)
 
 
 def _print_text(result: DocumentResult, quiet: bool) -> None:
