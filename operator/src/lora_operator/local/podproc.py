@@ -290,6 +290,36 @@ async def materialise_volumes(
     return out
 
 
+def process_tree(leader: int) -> set[int]:
+    """LEADER and all its descendants (by /proc ppid links), whatever sessions they made."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])  # field 4 of /proc/PID/stat: ppid
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    tree, frontier = {leader}, [leader]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return tree
+
+
+def signal_tree(leader: int, sig: int, also: set[int] | None = None) -> int:
+    """Send SIG to LEADER, all its descendants (what a container's PID namespace holds) and
+    ALSO (processes seen earlier, orphaned since); how many were signalled."""
+    count = 0
+    for pid in process_tree(leader) | (also or set()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+            count += 1
+    return count
+
+
 @dataclass
 class ContainerProcess:
     """One container's command as a local process group."""
@@ -370,14 +400,18 @@ class ContainerProcess:
                 os.killpg(self.proc.pid, sig)
 
     async def kill(self, grace: float) -> None:
-        """SIGTERM to the process group, SIGKILL after the grace period."""
+        """SIGTERM to the process group, SIGKILL after the grace period to every process of
+        the container: the group and all descendants seen before or after the SIGTERM (a
+        launcher's workers run in sessions of their own and outlive a group kill)."""
         if self.proc is None or self.proc.returncode is not None:
             self._kill_group(signal.SIGKILL)
             return
+        seen = process_tree(self.proc.pid)
         self._kill_group(signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
         self._kill_group(signal.SIGKILL)
+        signal_tree(self.proc.pid, signal.SIGKILL, seen - {self.proc.pid})
         await self.proc.wait()
 
     def status(self) -> Obj:

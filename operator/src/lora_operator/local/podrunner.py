@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from pathlib import Path
 from lora_operator.local.jobs import JOBS, PODS, JobController
 from lora_operator.local.kubeapi import KubeClient, KubeError, watch_forever
 from lora_operator.local.kubelet import Kubelet
+from lora_operator.local.podproc import signal_tree
 
 logger = logging.getLogger(__name__)
 
@@ -97,28 +97,3 @@ class PodRunner:
         await self.client.__aexit__()
         if self._own_state:
             shutil.rmtree(self.state, ignore_errors=True)
-
-
-def signal_tree(leader: int, sig: int) -> int:
-    """Send SIG to LEADER and all its descendants (what a container's PID namespace holds,
-    whatever sessions they made); how many were signalled."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(entry.name)] = int(fields[1])  # field 4 of /proc/PID/stat: ppid
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-    tree, frontier = {leader}, [leader]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    count = 0
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-            count += 1
-    return count
