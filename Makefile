@@ -15,7 +15,7 @@ TINY_DIR ?= /tmp/lora-operator/tiny
 PYTEST_MARKERS ?= not gpu and not lab_full and not chaos_full
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup demo test lint crds crds-check tiny-model lab clean
+.PHONY: help setup demo test lint crds crds-check tiny-model lab chaos clean
 
 help:
 	@echo "make demo        set up, then run the main job on the embedded default"
@@ -25,6 +25,7 @@ help:
 	@echo "make crds-check  fail if any of those drifted"
 	@echo "make tiny-model  regenerate the tiny CPU model and data into $(TINY_DIR)"
 	@echo "make lab         the full failure lab (real CPU training; rewrites bench/results/lab.*)"
+	@echo "make chaos       the full fault matrix (rewrites the table in docs/reliability.md)"
 
 setup: $(STAMP)
 
@@ -76,6 +77,14 @@ test: setup lint crds-check tiny-model
 # healthy variant trained for real on CPU, replayed through the health rules.
 lab: setup tiny-model
 	LORA_OPERATOR_TINY_DIR=$(TINY_DIR) $(PY) -m pytest -m lab_full tests/lab -p no:cacheprovider
+
+# The full fault matrix (marker chaos_full, excluded from make test); rewrites the table in
+# docs/reliability.md from bench/results/chaos.jsonl.
+chaos: setup tiny-model
+	rm -f bench/results/chaos.jsonl
+	status=0; LORA_OPERATOR_TINY_DIR=$(TINY_DIR) LORA_CHAOS_RESULTS=$(CURDIR)/bench/results/chaos.jsonl \
+	  $(PY) -m pytest tests/chaos -p no:cacheprovider || status=$$?; \
+	  $(PY) bench/chaos_table.py bench/results/chaos.jsonl; exit $$status
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
