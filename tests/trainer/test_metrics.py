@@ -250,7 +250,11 @@ def test_run_info_labels(tmp_path: Path, quickstart_body: dict[str, Any]) -> Non
     _, spec = load_spec(path)
     labels = run_info_labels(spec, "abc123", world_size=4)
     assert tuple(labels) == RUN_INFO_LABELS
-    assert labels["model"] == "file:///tmp/lora-operator/tiny/model"
+    assert labels["model"] == "model"  # the last path component: no host path on /metrics
+    from lora_trainer.telemetry.exporter import model_label
+
+    assert model_label("hf://meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert model_label("pvc://models/llama/7b/") == "7b"
     assert (labels["r"], labels["alpha"], labels["zero_stage"]) == ("16", "32", "3")
     assert labels["target_modules"] == "k_proj,o_proj,q_proj,v_proj"
     assert (labels["world_size"], labels["spec_hash"], labels["device"]) == ("4", "abc123", "cpu")
