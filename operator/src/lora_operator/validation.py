@@ -20,6 +20,11 @@ from lora_operator.api import constants as c
 from lora_operator.api.crd import resource_schema
 from lora_operator.api.resource import LoRAFineTune
 from lora_operator.api.schema_check import Problem, check_object
+from lora_operator.health.config import HealthConfig
+
+
+class SpecFileError(Exception):
+    """A manifest file that gives no usable spec (the message names the file)."""
 
 
 @dataclass
@@ -120,3 +125,23 @@ def validate_file(path: Path) -> list[DocumentResult]:
     if not documents:
         return [DocumentResult(str(path), "?", [Problem("", "no YAML document in the file")])]
     return [validate_body(doc, str(path)) for doc in documents]
+
+
+def health_config_of_file(path: Path) -> HealthConfig:
+    """The health rules' configuration of the first LoRAFineTune in a manifest file.
+
+    SpecFileError when the file cannot be read, a document before it is invalid, or there is
+    none (`lora-operator health replay --spec`, `lora-operator report --spec`).
+    """
+    try:
+        results = validate_file(path)
+    except OSError as err:
+        raise SpecFileError(f"cannot read {path}: {err.strerror or err}") from err
+    for result in results:
+        if result.problems:
+            problems = "; ".join(f"{p.path}: {p.message}" for p in result.problems)
+            raise SpecFileError(f"{path}: invalid spec: {problems}")
+        if result.resource is not None:
+            spec = result.resource.spec
+            return HealthConfig.from_spec(spec.health, spec.training, spec.lora)
+    raise SpecFileError(f"{path}: no {c.KIND} document")

@@ -10,7 +10,7 @@ from typing import Any
 
 from lora_operator.api import constants as c
 from lora_operator.health import HealthConfig, Record, RecordError, Timeline, parse_record, replay
-from lora_operator.validation import validate_file
+from lora_operator.validation import SpecFileError, health_config_of_file
 
 WARNINGS_SHOWN = 20
 
@@ -65,17 +65,9 @@ def load_config(spec_path: Path | None) -> HealthConfig:
     if spec_path is None:
         return HealthConfig()
     try:
-        results = validate_file(spec_path)
-    except OSError as err:
-        raise InputError(f"cannot read {spec_path}: {err.strerror}") from err
-    for result in results:
-        if result.problems:
-            problems = "; ".join(f"{p.path}: {p.message}" for p in result.problems)
-            raise InputError(f"{spec_path}: invalid spec: {problems}")
-        if result.resource is not None:
-            spec = result.resource.spec
-            return HealthConfig.from_spec(spec.health, spec.training, spec.lora)
-    raise InputError(f"{spec_path}: no {c.KIND} document")
+        return health_config_of_file(spec_path)
+    except SpecFileError as err:
+        raise InputError(str(err)) from err
 
 
 def read_trace(path: Path) -> tuple[list[Record], list[str]]:

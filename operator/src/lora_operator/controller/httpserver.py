@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from lora_operator.api.http import TEXT_PLAIN, QuietHandler
 from lora_operator.controller.metrics import OperatorMetrics
 
-TEXT_PLAIN: str = "text/plain; charset=utf-8"
 # How often the serving thread checks for stop(): bounds how long a shutdown waits.
 POLL_INTERVAL_S: float = 0.05
 
@@ -32,7 +31,7 @@ def serve(
     Port 0 picks a free port (read it from `server.server_address`). Stop with `stop()`.
     """
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
@@ -53,16 +52,6 @@ def serve(
                 self._send(200, TEXT_PLAIN, b"ok\n")
             else:
                 self._send(503, TEXT_PLAIN, b"not ok\n")
-
-        def _send(self, code: int, content_type: str, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            return  # probes and scrapes every few seconds would flood the log
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

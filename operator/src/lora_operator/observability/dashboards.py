@@ -83,6 +83,14 @@ def q(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> gpr
 Panel = Any  # the SDK's panel builders share no typed base with these methods
 
 
+def with_panels(d: gdash.Dashboard, row: str, *panels: Panel) -> gdash.Dashboard:
+    """`d` with a row titled `row` and its panels, in order."""
+    d = d.with_row(gdash.Row(row))
+    for panel in panels:
+        d = d.with_panel(panel)
+    return d
+
+
 def ts(title: str, unit: str, *queries: gprom.Dataquery, log: bool = False, w: int = 8) -> Panel:
     panel = gts.Panel().title(title).unit(unit).datasource(DATASOURCE).height(8).span(w)
     for query in queries:
@@ -92,6 +100,11 @@ def ts(title: str, unit: str, *queries: gprom.Dataquery, log: bool = False, w: i
             gcommon.ScaleDistributionConfig().type(gcm.ScaleDistribution.LOG).log(10)
         )
     return panel
+
+
+def log_ts(title: str, *queries: gprom.Dataquery, w: int = 8) -> Panel:
+    """A time series of unitless norms or ratios, on a log scale."""
+    return ts(title, "none", *queries, log=True, w=w)
 
 
 def heat(title: str, expr: str, unit: str = "", log: bool = True) -> Panel:
@@ -191,8 +204,9 @@ def training_dashboard() -> gdash.Dashboard:
     by = f"namespace, {JOB_LABEL}"
     job_legend = "{{" + JOB_LABEL + "}}"
 
-    d = d.with_row(gdash.Row("Progress"))
-    for panel in (
+    d = with_panels(
+        d,
+        "Progress",
         stat("Step", f"max by ({by}) ({t('steps_total')})", legend=job_legend),
         stat(
             "Tokens/s",
@@ -226,7 +240,7 @@ def training_dashboard() -> gdash.Dashboard:
             q(t("eval_bleu"), job_legend + " BLEU"),
             q(f"100 * {t('eval_rouge_l')}", job_legend + " ROUGE-L x100", "B"),
         ),
-        ts("Gradient norm (before clipping)", "none", q(t("grad_norm"), job_legend), log=True),
+        log_ts("Gradient norm (before clipping)", q(t("grad_norm"), job_legend)),
         ts("Learning rate", "none", q(t("learning_rate"), job_legend + " group {{group}}")),
         ts(
             "Tokens/s", "short", q(f"sum by ({by}) (rate({t('tokens_total')}[{RATE}]))", job_legend)
@@ -248,138 +262,97 @@ def training_dashboard() -> gdash.Dashboard:
             q(f"max by (pod) ({t('gpu_memory_reserved_bytes')})", "{{pod}} reserved", "B"),
             q(f"max by (pod) ({t('gpu_memory_peak_bytes')})", "{{pod}} peak", "C"),
         ),
-    ):
-        d = d.with_panel(panel)
+    )
 
-    d = d.with_row(gdash.Row("Health"))
-    d = d.with_panel(
+    d = with_panels(
+        d,
+        "Health",
         timeline(
             "Health rules firing (thresholds: spec.health)",
             f"max by ({by}, rule) ({t('health_rule_firing')})",
             job_legend + " {{rule}}",
             w=16,
-        )
-    )
-    d = d.with_panel(
+        ),
         timeline(
             "Verdict",
             f"max by ({by}, verdict) ({t('health_verdict')}) == 1",
             job_legend + " {{verdict}}",
             w=8,
-        )
+        ),
     )
 
-    d = d.with_row(gdash.Row("LoRA gradients per layer"))
-    d = d.with_panel(
-        heat("Gradient norm of lora_A per layer", t("lora_layer_grad_norm", 'matrix="A"'))
-    )
-    d = d.with_panel(
-        heat("Gradient norm of lora_B per layer", t("lora_layer_grad_norm", 'matrix="B"'))
-    )
-    d = d.with_panel(
+    d = with_panels(
+        d,
+        "LoRA gradients per layer",
+        heat("Gradient norm of lora_A per layer", t("lora_layer_grad_norm", 'matrix="A"')),
+        heat("Gradient norm of lora_B per layer", t("lora_layer_grad_norm", 'matrix="B"')),
         heat(
             "Gradient norm ratio B/A per layer (clamped)",
             r("lora_trainer:lora_layer_grad_norm:b_over_a"),
-        )
-    )
-    d = d.with_panel(
-        ts(
+        ),
+        log_ts(
             "Median gradient norm per matrix",
-            "none",
             q(t("lora_grad_norm_median"), job_legend + " {{matrix}}"),
-            log=True,
-        )
-    )
-    d = d.with_panel(
-        ts(
+        ),
+        log_ts(
             "Median B/A gradient ratio over modules",
-            "none",
             q(r("lora_trainer:lora_grad_norm:b_over_a_median"), job_legend),
-            log=True,
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Median zero-gradient fraction",
             "percentunit",
             q(t("lora_grad_zero_ratio_median"), job_legend + " {{matrix}}"),
-        )
-    )
-    d = d.with_panel(
-        ts(
+        ),
+        log_ts(
             "Top 10 modules by B/A gradient ratio",
-            "none",
             q(f"topk(10, {r('lora_trainer:lora_grad_norm:b_over_a')})", "{{layer}}.{{module}}"),
-            log=True,
             w=12,
-        )
-    )
-    d = d.with_panel(
-        ts("Matrices without gradient", "none", q(t("lora_grad_none_matrices"), job_legend), w=12)
+        ),
+        ts("Matrices without gradient", "none", q(t("lora_grad_none_matrices"), job_legend), w=12),
     )
 
-    d = d.with_row(gdash.Row("Updates and parameters"))
-    d = d.with_panel(
-        ts(
+    d = with_panels(
+        d,
+        "Updates and parameters",
+        log_ts(
             "Median update ratio ||dp||/||p||",
-            "none",
             q(t("lora_update_ratio_median"), job_legend + " {{matrix}}"),
-            log=True,
-        )
-    )
-    d = d.with_panel(
-        ts(
+        ),
+        log_ts(
             "Median dW_rel ||scale BA||/||W||",
-            "none",
             q(t("lora_delta_weight_ratio_median"), job_legend),
-            log=True,
-        )
-    )
-    d = d.with_panel(
+        ),
         ts(
             "Median ||A||/||A0||",
             "none",
             q(t("lora_param_norm_init_ratio_median", 'matrix="A"'), job_legend),
-        )
-    )
-    d = d.with_panel(
+        ),
         heat(
             "Update ratio of lora_B per layer (max over modules)",
             "max by (layer) (" + t("lora_update_ratio", 'matrix="B"') + ")",
-        )
-    )
-    d = d.with_panel(
+        ),
         heat(
             "dW_rel per layer (max over modules)",
             f"max by (layer) ({t('lora_delta_weight_ratio')})",
-        )
-    )
-    d = d.with_panel(
-        heat("Parameter norm of lora_B per layer", t("lora_layer_param_norm", 'matrix="B"'))
+        ),
+        heat("Parameter norm of lora_B per layer", t("lora_layer_param_norm", 'matrix="B"')),
     )
 
-    d = d.with_row(gdash.Row("Adam"))
-    d = d.with_panel(
-        ts(
+    d = with_panels(
+        d,
+        "Adam",
+        log_ts(
             "Top 10 Adam first-moment norms",
-            "none",
             q(f"topk(10, {t('lora_adam_exp_avg_norm')})", "{{layer}}.{{module}}.{{matrix}}"),
-            log=True,
-        )
-    )
-    d = d.with_panel(
-        ts(
+        ),
+        log_ts(
             "Adam second moment, median over modules",
-            "none",
             q(
                 f"quantile by ({by}, matrix) (0.5, {t('lora_adam_exp_avg_sq_mean')})",
                 job_legend + " {{matrix}}",
             ),
-            log=True,
-        )
-    )
-    d = d.with_panel(
-        ts("Non-finite elements", "none", q(t("nonfinite_elements"), job_legend + " {{tensor}}"))
+        ),
+        ts("Non-finite elements", "none", q(t("nonfinite_elements"), job_legend + " {{tensor}}")),
     )
 
     d = d.with_row(gdash.Row("Training data"))

@@ -17,7 +17,7 @@ from lora_operator.api import constants as c
 from lora_operator.api.spec import LoRAFineTuneSpec
 from lora_operator.health import HealthConfig, RecordError, parse_record, replay
 from lora_operator.health.records import Record, as_int
-from lora_operator.validation import validate_file
+from lora_operator.validation import SpecFileError, health_config_of_file
 
 TRACE = "trace.jsonl"
 SUMMARY = "summary.json"
@@ -182,18 +182,10 @@ def health_config(spec: SpecLike) -> HealthConfig:
         return spec
     if isinstance(spec, LoRAFineTuneSpec):
         return HealthConfig.from_spec(spec.health, spec.training, spec.lora)
-    path = Path(spec)
     try:
-        results = validate_file(path)
-    except OSError as err:
-        raise ReportError(f"cannot read {path}: {err.strerror or err}") from err
-    for result in results:
-        if result.problems:
-            problems = "; ".join(f"{p.path}: {p.message}" for p in result.problems)
-            raise ReportError(f"{path}: invalid spec: {problems}")
-        if result.resource is not None:
-            return health_config(result.resource.spec)
-    raise ReportError(f"{path}: no {c.KIND} document")
+        return health_config_of_file(Path(spec))
+    except SpecFileError as err:
+        raise ReportError(str(err)) from err
 
 
 def _read_json(path: Path) -> Mapping[str, Any] | None:

@@ -19,7 +19,7 @@ import statistics
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lora_operator.api import constants as c
+from lora_operator.api.http import TEXT_PLAIN, QuietHandler
 from lora_trainer.health_monitor import HealthMonitor, HealthSnapshot
 from lora_trainer.telemetry.catalog import (
     NONFINITE_TENSORS,
@@ -311,7 +312,7 @@ def serve(
     """GET /metrics (Prometheus text format), /health (JSON; 404 where the rules do not run,
     i.e. on other ranks than global rank 0), /healthz (liveness: "ok")."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
@@ -320,19 +321,9 @@ def serve(
                 body = json.dumps(json_safe(health.report())).encode()
                 self._send(200, "application/json", body)
             elif path == "/healthz":
-                self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                self._send(200, TEXT_PLAIN, b"ok\n")
             else:
-                self._send(404, "text/plain; charset=utf-8", b"not found\n")
-
-        def _send(self, code: int, content_type: str, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            return  # scrapes every 15 s would flood the log
+                self._send(404, TEXT_PLAIN, b"not found\n")
 
     server = ThreadingHTTPServer(("", port), Handler)
     server.daemon_threads = True
