@@ -3,10 +3,14 @@ docs/reliability.md.
 
     LORA_CHAOS_RESULTS=/tmp/chaos.jsonl .venv/bin/pytest -m "" tests/chaos
     .venv/bin/python bench/chaos_table.py /tmp/chaos.jsonl [--doc docs/reliability.md]
+    .venv/bin/python bench/chaos_table.py /tmp/some.jsonl --merge   # after rerunning a few
 
 Each test of tests/chaos appends one JSON row (fault, jobs, duplicates, status_errors,
 steps_lost, outcome, seconds, details) to $LORA_CHAOS_RESULTS. This script writes the table
-(one line per row, a total line) between the markers below in the doc, and prints it.
+(one line per row, a total line) between the markers below in the doc, and prints it. With
+--merge, the rows already in the doc's table stay, except those with the same suite and
+fault as a new row, which the new row replaces in place; new faults go after the last row
+of their suite.
 """
 
 from __future__ import annotations
@@ -52,6 +56,41 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def doc_rows(doc: Path) -> list[dict[str, Any]]:
+    """The rows of the table now in DOC (the total line left out), as result rows."""
+    body = doc.read_text()
+    if BEGIN not in body:
+        return []
+    section = body.split(BEGIN, 1)[1].split(END, 1)[0]
+    rows = []
+    for line in section.strip().splitlines()[2:]:  # after the header and its rule
+        cells = [x.strip() for x in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or cells[0] == "**total**":
+            continue
+        outcome, _, details = cells[6].partition(": ")
+        rows.append({"suite": cells[0], "fault": cells[1], "jobs": int(cells[2]),
+                     "duplicates": int(cells[3]), "status_errors": int(cells[4]),
+                     "steps_lost": int(cells[5]), "outcome": outcome,
+                     "details": [details] if details else [],
+                     "seconds": float(cells[7]) if cells[7] else ""})  # fmt: skip
+    return rows
+
+
+def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OLD with each row of NEW replacing the one of the same suite and fault, or inserted
+    after the last row of its suite (at the end for a new suite)."""
+    rows = list(old)
+    for row in new:
+        key = (row.get("suite"), row.get("fault"))
+        same = [i for i, r in enumerate(rows) if (r.get("suite"), r.get("fault")) == key]
+        if same:
+            rows[same[0]] = row
+            continue
+        suite = [i for i, r in enumerate(rows) if r.get("suite") == row.get("suite")]
+        rows.insert(suite[-1] + 1 if suite else len(rows), row)
+    return rows
+
+
 def rewrite(doc: Path, text: str) -> None:
     body = doc.read_text()
     if BEGIN not in body or END not in body:
@@ -66,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="the JSON-lines file of LORA_CHAOS_RESULTS")
     parser.add_argument("--doc", type=Path, default=Path("docs/reliability.md"))
     parser.add_argument("--no-doc", action="store_true", help="print only")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the doc's other rows (after rerunning a few)"
+    )
     args = parser.parse_args(argv)
-    text = table(load(args.results))
+    rows = load(args.results)
+    if args.merge:
+        rows = merge(doc_rows(args.doc), rows)
+    text = table(rows)
     print(text)
     if not args.no_doc:
         rewrite(args.doc, text)

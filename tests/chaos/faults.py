@@ -1,5 +1,8 @@
 """Fault-injection helpers for the chaos suites: the operator killed between two API writes,
-API faults on the operator's own requests, result rows for `bench/chaos_table.py`.
+API faults on the operator's own requests, result rows for `bench/chaos_table.py`; and what
+every suite shares: its markers (`pytestmark = MARKS`), the job it runs (`job_body`, the
+quickstart on the tiny assets; the `tiny` fixture is in conftest.py), the local cluster
+(tests.e2e.cluster.local_cluster: 2 s health ticks, 5 s watches).
 
 A row per test goes to the JSON-lines file named by $LORA_CHAOS_RESULTS (nothing is written
 when it is unset): fault, jobs run, duplicates found, status errors, steps lost, outcome.
@@ -17,15 +20,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
+
 from lora_operator.api import constants as c
 from lora_operator.controller.kube import Kube
+from lora_operator.controller.reconcile import TERMINAL_PHASES
 from lora_operator.local.apiserver import Fault, LoggedRequest
-from tests.e2e.cluster import NS, PODS, Cluster, condition, until
+from tests.conftest import deep_merge
+from tests.e2e.cluster import NS, PODS, Cluster, condition, quickstart, until
+
+MARKS = [pytest.mark.slow, pytest.mark.training]  # every chaos test trains on the local cluster
+DONE = tuple(TERMINAL_PHASES)
+PREFLIGHT_OFF = {"health": {"preflight": {"enabled": False}}}
 
 EVENTS = f"/api/v1/namespaces/{NS}/events"
 WRITES = ("patch_status", "patch_lorafinetune", "delete", "create", "patch_job")
 LOCAL_AGENT = "lora-operator-local"
-WRITE_VERBS = ("create", "update", "patch", "delete")  # the pod runner's and the tests' own client
+WRITE_VERBS = ("create", "update", "patch", "delete")
+READ_VERBS = ("get", "list", "watch")  # discovery GETs are logged as "get" with no resource
+
+
+def job_body(
+    tiny: Path, out: Path, name: str = "quickstart", patch: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The quickstart on the tiny assets as NAME, writing to OUT, pre-flight off unless PATCH
+    (merged into the spec) turns it on."""
+    spec = deep_merge(PREFLIGHT_OFF, patch or {})
+    body: dict[str, Any] = yaml.safe_load(quickstart(tiny, out, spec))
+    body["metadata"]["name"] = name
+    return body
+
+
+def report(
+    fault: str, suite: str, start: float, errs: list[str], dups: list[str], *,
+    jobs: int = 1, lost: int = 0, alive: bool = True, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Record the test's row (EXTRA: more fields, or overrides) and return it: it passes when
+    the operator is alive with no status error and no duplicate."""
+    row = {"fault": fault, "suite": suite, "jobs": jobs, "duplicates": len(dups),
+           "status_errors": len(errs), "steps_lost": lost, "seconds": elapsed(start),
+           "outcome": "pass" if alive and not errs and not dups else "FAIL",
+           "details": errs + dups, **extra}  # fmt: skip
+    record(row)
+    return row
 
 
 def record(row: dict[str, Any]) -> None:
@@ -140,6 +178,49 @@ def _fault(kind: str, skip: int, rng: random.Random) -> Fault:
     if kind == "timeout":  # longer than a client would wait, then a 504
         return Fault(match, delay=rng.uniform(5.0, 8.0), status=504)
     return Fault(match, drop_watch=True)
+
+
+@dataclass
+class ReadOutage:
+    """While open, every read of the operator (kopf's and its own client's: discovery GETs,
+    get, list, watch; never the pod runner's or the tests') is answered 500 and 503 in turn,
+    as an API server whose etcd or aggregation layer is briefly down does; `hits` logs them.
+    With `opens_on` set to a kind (see `kinds`), it opens at the operator's next such read."""
+
+    is_open: bool = False
+    opens_on: str = ""
+    hits: list[LoggedRequest] = field(default_factory=list)
+
+    def install(self, cluster: Cluster) -> ReadOutage:
+        for status in (500, 503):
+            cluster.api.inject(Fault(self._match(status), times=1 << 30, status=status))
+        return self
+
+    def _match(self, status: int) -> Callable[[LoggedRequest], bool]:
+        def match(entry: LoggedRequest) -> bool:
+            if entry.user_agent.startswith(LOCAL_AGENT):
+                return False
+            if self.opens_on and _kind(entry) == self.opens_on:
+                self.is_open, self.opens_on = True, ""
+            if not self.is_open:
+                return False
+            if entry.verb not in READ_VERBS or (status == 500 and len(self.hits) % 2):
+                return False  # every other read falls through to the 503 fault
+            self.hits.append(entry)
+            return True
+
+        return match
+
+    def kinds(self) -> dict[str, int]:
+        """Requests answered 5xx per kind: 'discovery' or '<verb> <resource>'."""
+        out: dict[str, int] = {}
+        for e in self.hits:
+            out[_kind(e)] = out.get(_kind(e), 0) + 1
+        return out
+
+
+def _kind(entry: LoggedRequest) -> str:
+    return f"{entry.verb} {entry.resource}" if entry.resource else "discovery"
 
 
 # --- reading the cluster -----------------------------------------------------------------------

@@ -15,23 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from lora_operator.api import constants as c
-from lora_operator.controller.reconcile import TERMINAL_PHASES
 from tests.chaos.faults import (
+    DONE,
+    MARKS,
     WriteCrash,
     duplicates,
-    elapsed,
-    record,
+    job_body,
+    report,
     status_errors,
     steps_lost,
     train_steps,
     wait_phase,
 )
-from tests.e2e.cluster import local_cluster, quickstart, until
+from tests.e2e.cluster import local_cluster, until
 
-pytestmark = [pytest.mark.slow, pytest.mark.training]
+pytestmark = MARKS
 MAX_STEPS = 6
 # Undisturbed runs (test_undisturbed_write_count) write, preflight off: status Pending,
 # ConfigMap, Service, Job, status Starting x2, then status Running once per health tick with
@@ -44,28 +44,22 @@ WRITES_PREFLIGHT = 9
 FINAL = "patch_status Succeeded"
 
 
-def manifest(tiny: Path, out: Path, preflight: bool) -> str:
-    patch = {
-        "training": {"maxSteps": MAX_STEPS, "checkpointEverySteps": 3,
-                     "eval": {"metrics": ["loss"], "everySteps": 100}},
-        "health": {"preflight": {"enabled": preflight}},
-    }  # fmt: skip
-    return quickstart(tiny, out, patch)
-
-
 async def run_job(
-    tmp_path: Path, tiny_assets: Any, monkeypatch: Any, preflight: bool,
+    tmp_path: Path, tiny: Path, monkeypatch: Any, preflight: bool,
     crash_at: tuple[str, int | str] | None,
 ) -> tuple[WriteCrash, dict[str, Any]]:  # fmt: skip
-    tiny = Path(tiny_assets.model_dir).parent
     out = tmp_path / "run"
     crash = WriteCrash(crash_at)
     crash.install(monkeypatch)
     start = time.monotonic()
     async with local_cluster(tmp_path) as cluster:
         crash.stop = cluster.stop.set  # the operator's thread stops at the crash point
-        body = yaml.safe_load(manifest(tiny, out, preflight))
-        await cluster.apply(body)
+        patch = {
+            "training": {"maxSteps": MAX_STEPS, "checkpointEverySteps": 3,
+                         "eval": {"metrics": ["loss"], "everySteps": 100}},
+            "health": {"preflight": {"enabled": preflight}},
+        }  # fmt: skip
+        await cluster.apply(job_body(tiny, out, patch=patch))
         crashed = False
         if crash_at is not None:
 
@@ -80,18 +74,14 @@ async def run_job(
             await cluster.stop_operator()
             crash.disarm()
             await cluster.start_operator()
-        lft = await wait_phase(cluster, "quickstart", tuple(TERMINAL_PHASES), timeout=240)
+        lft = await wait_phase(cluster, "quickstart", DONE, timeout=240)
         dups = await duplicates(cluster, "quickstart", preflight)
         errs = status_errors(lft, c.PHASE_SUCCEEDED, 0, MAX_STEPS)
         lost = steps_lost(train_steps(out / "trace.jsonl"))
     mode, n = crash_at or ("none", 0)
     what = f"operator killed {mode} write {n}" if crash_at else "undisturbed (writes counted)"
-    row = {"fault": what + (" (preflight)" if preflight else ""),
-           "suite": "crash", "jobs": 1, "duplicates": len(dups), "status_errors": len(errs),
-           "steps_lost": lost, "crashed": crashed, "writes": crash.writes,
-           "outcome": "pass" if not dups and not errs else "FAIL", "seconds": elapsed(start),
-           "details": dups + errs}  # fmt: skip
-    record(row)
+    row = report(what + (" (preflight)" if preflight else ""), "crash", start, errs, dups,
+                 lost=lost, crashed=crashed, writes=crash.writes)  # fmt: skip
     return crash, row
 
 
@@ -102,9 +92,9 @@ async def run_job(
 )
 @pytest.mark.chaos_full
 async def test_undisturbed_write_count(
-    tiny_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preflight: bool
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preflight: bool
 ) -> None:
-    crash, row = await run_job(tmp_path, tiny_assets, monkeypatch, preflight, None)
+    crash, row = await run_job(tmp_path, tiny, monkeypatch, preflight, None)
     assert row["outcome"] == "pass", row
     assert len(crash.writes) >= 4, crash.writes  # status, ConfigMap, Service, Job at least
 
@@ -124,16 +114,16 @@ CI_POINTS = {("after", 1), ("after", 3), ("after", 4)}  # status, Service, train
     ids=lambda p: f"{p[0]}-{p[1]}".replace(" ", "-"),
 )
 async def test_killed_between_writes(
-    tiny_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: tuple[str, int | str]
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: tuple[str, int | str]
 ) -> None:
-    crash, row = await run_job(tmp_path, tiny_assets, monkeypatch, False, point)
+    crash, row = await run_job(tmp_path, tiny, monkeypatch, False, point)
     assert row["outcome"] == "pass", row
 
 
 @pytest.mark.chaos_full
 @pytest.mark.parametrize("n", [*range(1, WRITES_PREFLIGHT + 1), FINAL])
 async def test_killed_between_writes_with_preflight(
-    tiny_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int | str
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int | str
 ) -> None:
-    crash, row = await run_job(tmp_path, tiny_assets, monkeypatch, True, ("after", n))
+    crash, row = await run_job(tmp_path, tiny, monkeypatch, True, ("after", n))
     assert row["outcome"] == "pass", row

@@ -5,29 +5,31 @@ a timeout, non-JSON, a JSON list, an object of the wrong shape, an empty object.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from lora_operator.api import constants as c
 from lora_operator.controller import handlers
 from lora_operator.controller.health_watch import Probe
 from tests.chaos.faults import (
+    DONE,
+    MARKS,
     duplicates,
-    elapsed,
-    record,
+    job_body,
+    report,
     status_errors,
     steps_lost,
     train_steps,
     wait_phase,
 )
-from tests.e2e.cluster import condition, local_cluster, quickstart, until
+from tests.e2e.cluster import condition, local_cluster, until
 
-pytestmark = [pytest.mark.slow, pytest.mark.training]
+pytestmark = MARKS
 MAX_STEPS = 300  # enough training time for 8 garbage answers at a 2 s health interval
 GARBAGE = [
     Probe(error="unreachable", detail="connection refused"),
@@ -42,14 +44,10 @@ GARBAGE = [
 
 
 async def test_health_down_or_garbage(
-    tiny_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tiny = Path(tiny_assets.model_dir).parent
     out = tmp_path / "run"
-    patch = {
-        "training": {"maxSteps": MAX_STEPS, "checkpointEverySteps": 100},
-        "health": {"preflight": {"enabled": False}},
-    }
+    patch = {"training": {"maxSteps": MAX_STEPS, "checkpointEverySteps": 100}}
     real = handlers.read_health
     answers = itertools.cycle(GARBAGE)
     armed = [False]
@@ -66,7 +64,7 @@ async def test_health_down_or_garbage(
     start = time.monotonic()
     errs: list[str] = []
     async with local_cluster(tmp_path) as cluster:
-        await cluster.apply(yaml.safe_load(quickstart(tiny, out, patch)))
+        await cluster.apply(job_body(tiny, out, patch=patch))
 
         async def reading() -> Any:
             lft = await cluster.lft("quickstart")
@@ -78,7 +76,7 @@ async def test_health_down_or_garbage(
         deadline = time.monotonic() + 2 * len(GARBAGE) * cluster.config.health_interval_seconds
         while time.monotonic() < deadline and len(served) < len(GARBAGE) + 1:
             lft = await cluster.lft("quickstart")
-            if lft["status"].get("phase") in (c.PHASE_SUCCEEDED, c.PHASE_FAILED):
+            if lft["status"].get("phase") in DONE:
                 break
             health = lft["status"].get("health") or {}
             verdicts.add(health.get("verdict"))
@@ -93,22 +91,16 @@ async def test_health_down_or_garbage(
             errs.append(f"only {len(served)} garbage answers served (job too short)")
         if c.VERDICT_UNKNOWN not in verdicts:
             errs.append(f"verdict never Unknown: {verdicts}")
-        lft = await wait_phase(cluster, "quickstart", (c.PHASE_SUCCEEDED, c.PHASE_FAILED), 480)
+        lft = await wait_phase(cluster, "quickstart", DONE, 480)
         errs += status_errors(lft, c.PHASE_SUCCEEDED, 0, MAX_STEPS)
         dups = await duplicates(cluster, "quickstart", False)
         lost = steps_lost(train_steps(out / "trace.jsonl"))
-    row = {"fault": "/health down or garbage (8 kinds)", "suite": "health", "jobs": 1,
-           "duplicates": len(dups), "status_errors": len(errs), "steps_lost": lost,
-           "seconds": elapsed(start), "served": len(served),
-           "outcome": "pass" if alive and not errs and not dups else "FAIL",
-           "details": errs + dups}  # fmt: skip
-    record(row)
+    row = report("/health down or garbage (8 kinds)", "health", start, errs, dups, lost=lost,
+                 alive=alive, served=len(served))  # fmt: skip
     assert alive, "the operator died"
     assert not errs and not dups, row
 
 
 async def _sleep(seconds: float) -> bool:
-    import asyncio
-
     await asyncio.sleep(seconds)
     return True

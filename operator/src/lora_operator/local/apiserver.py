@@ -34,6 +34,8 @@ from lora_operator.local.patching import APPLY_PATCH, PatchError
 from lora_operator.local.selectors import SelectorError, field_matcher, label_matcher
 from lora_operator.local.store import ApiError, Obj, Store, WatchEvent, not_found
 
+# the reasons a real API server gives with these codes (metav1.StatusReason)
+_FAULT_REASONS = {409: "Conflict", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
 _PREFIX = re.compile(r"^/(?:api/(?P<cv>v1)|apis/(?P<g>[^/]+)/(?P<v>[^/]+))(?P<rest>/.*)?$")
 
 
@@ -133,11 +135,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
             if fault is not None and fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault is not None and fault.status:
-                raise ApiError(
-                    fault.status,
-                    "InternalError" if fault.status >= 500 else "Conflict",
-                    f"injected fault {fault.status}",
-                )
+                reason = _FAULT_REASONS.get(fault.status, "InternalError")
+                raise ApiError(fault.status, reason, f"injected fault {fault.status}")
             if route is None:
                 return _json(self._discovery(raw.path))
             if entry.verb == "watch":
@@ -164,10 +163,11 @@ class LocalApiServer(kmock.KubernetesEmulator):
 
     def _route(self, raw: aiohttp.web.BaseRequest) -> tuple[_Route | None, LoggedRequest]:
         query = dict(raw.query)
+        agent = raw.headers.get("User-Agent", "")
         m = _PREFIX.match(raw.path)
         parts = [p for p in (m.group("rest") or "").split("/") if p] if m else []
-        if not m or not parts:
-            return None, LoggedRequest(raw.method, raw.path, "get", query=query)
+        if not m or not parts:  # discovery: verb get, no resource
+            return None, LoggedRequest(raw.method, raw.path, "get", query=query, user_agent=agent)
         group, version = (m.group("g") or "", m.group("v") or m.group("cv"))
         if parts[0] == "watch":
             parts, query["watch"] = parts[1:], "true"
@@ -182,7 +182,6 @@ class LocalApiServer(kmock.KubernetesEmulator):
         name = parts[1] if len(parts) > 1 else None
         sub = parts[2] if len(parts) > 2 else None
         verb = _verb(raw.method, name, query)
-        agent = raw.headers.get("User-Agent", "")
         entry = LoggedRequest(raw.method, raw.path, verb, rtype.plural, ns, name, sub, query, agent)
         return _Route(rtype, ns, name, sub), entry
 

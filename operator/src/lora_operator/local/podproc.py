@@ -21,12 +21,17 @@ Mapping of the pod spec onto the machine:
   server moved to the pod IP is not reachable at 127.0.0.1 from its own pod.
 - Volumes: configMap and secret (from the API's data, items honoured), emptyDir (a
   directory), persistentVolumeClaim (`<state>/pvcs/<ns>/<claim>`, kept across pods), hostPath
-  (the path itself), anything else an empty directory. A mountPath (with subPath) is mapped by
-  rewriting it in env values, command, args and workingDir, like the names, except paths
-  below it whose first component exists on this machine (e.g. the interpreter of a checkout
-  under /tmp): those are host paths and stay as they are; a `/tmp` mount
-  also becomes TMPDIR. The root filesystem, readOnly, resources, probes and security
-  contexts are not emulated.
+  (the path itself), anything else an empty directory. Each container gets a root directory
+  `<pod>/rootfs/<container>` holding a symlink at every mountPath to its volume (with
+  subPath), as the container's own root would show the mounts. A mountPath, and every
+  directory above one (e.g. /mnt/pvc above /mnt/pvc/<claim>, so `$LORA_PVC_ROOT/<claim>/x`
+  composed at run time resolves), is mapped by rewriting it in env values, command, args and
+  workingDir, like the names: a mountPath to its volume, a directory above one to its place
+  in that root; except paths below them whose first component exists on this machine (e.g.
+  the interpreter of a checkout under /tmp, /dev/null): those are host paths and stay as they
+  are. A mount nested inside another mount is rewritten but gets no link (the link would land
+  in the outer volume). A `/tmp` mount also becomes TMPDIR. The rest of the image's root
+  filesystem, readOnly, resources, probes and security contexts are not emulated.
 - Termination messages: each container's terminationMessagePath (default
   /dev/termination-log) is a file `<container>.termination-log` next to its log, emptied
   before every start and mapped like a mountPath. When the container terminates, the last
@@ -154,6 +159,24 @@ def make_rewriter(
         return network.ip_for(groups["fqdn"])
 
     return lambda text: pattern.sub(replace, text)
+
+
+def container_root(mounts: dict[str, str], rootfs: Path) -> dict[str, str]:
+    """Link each mountPath under ROOTFS to its volume (not those nested in another mount);
+    returns the path mapping: mountPath -> volume, a directory above a mountPath -> its
+    place under ROOTFS (mountPaths win where both apply)."""
+    mapping: dict[str, str] = {}
+    for mount in sorted(mounts, key=len):
+        parents = [str(p) for p in Path(mount).parents if str(p) != "/"]
+        mapping.update({p: str(rootfs / p.lstrip("/")) for p in parents})
+        if mount == "/" or any(p in mounts for p in parents):
+            continue
+        link = rootfs / mount.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():  # from an earlier attempt to start the pod
+            link.unlink()
+        link.symlink_to(mounts[mount])
+    return {**mapping, **mounts}
 
 
 def _host_path(mount_path: str, tail: str) -> bool:
@@ -485,7 +508,9 @@ async def build_containers(
         mounts.setdefault(
             container.get("terminationMessagePath") or TERMINATION_LOG, str(termination)
         )
-        rewrite = make_rewriter(mounts, meta["namespace"], spec.get("subdomain"), network)
+        rootfs = root / "rootfs" / container["name"]
+        paths = container_root(mounts, rootfs)
+        rewrite = make_rewriter(paths, meta["namespace"], spec.get("subdomain"), network)
         declared = await container_env(client, pod, container, ip)
         env = {**base, **{k: rewrite(v) for k, v in declared.items()}}
         if "/tmp" in mounts and "TMPDIR" not in declared:
@@ -502,9 +527,10 @@ async def build_containers(
             rewrite(expand(a, declared))
             for a in (container.get("command") or []) + (container.get("args") or [])
         ]
-        workdir = rewrite(container.get("workingDir") or str(root / "work"))
-        if not Path(workdir).is_dir():  # an image directory: private to the pod here
-            workdir = str(root / "rootfs" / workdir.lstrip("/"))
+        declared_dir = container.get("workingDir") or str(root / "work")
+        workdir = rewrite(declared_dir)
+        if not Path(workdir).is_dir():  # created in the container's root, as a runtime does
+            workdir = str(rootfs / declared_dir.lstrip("/"))
             Path(workdir).mkdir(parents=True, exist_ok=True)
         log = root / f"{container['name']}.log"
         fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
