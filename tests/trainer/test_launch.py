@@ -71,7 +71,6 @@ def plan(**overrides: object) -> LaunchPlan:
         "node_rank": 0,
         "master_addr": "127.0.0.1",
         "master_port": 29500,
-        "rdzv_id": "uid-1",
         "args": ("--config", "/etc/lora/train.yaml"),
         "python": "python",
     }
@@ -89,11 +88,12 @@ def test_torchrun_single_node_is_standalone() -> None:
     )
 
 
-def test_torchrun_multi_node_uses_c10d_rendezvous_at_pod_0() -> None:
+def test_torchrun_multi_node_uses_static_rendezvous_at_pod_0() -> None:
+    """Static: pod index 0 holds global rank 0 (c10d would rank pods by arrival)."""
     cmd = build_command(plan(nnodes=2, node_rank=1, master_addr="ft-0.ft"))
     assert shlex.join(cmd) == (
         "python -m torch.distributed.run --nnodes 2 --nproc-per-node 8 --node-rank 1 "
-        "--rdzv-backend c10d --rdzv-endpoint ft-0.ft:29500 --rdzv-id uid-1 "
+        "--rdzv-backend static --master-addr ft-0.ft --master-port 29500 "
         "--max-restarts 0 -m lora_trainer --config /etc/lora/train.yaml"
     )
 
@@ -121,14 +121,13 @@ POD_ENV = {
     "LORA_NNODES": "2",
     "LORA_NPROC_PER_NODE": "8",
     "LORA_MASTER_ADDR": "ft-0.ft",
-    "LORA_JOB_UID": "6f1c",
 }
 
 
 def test_plan_from_the_operators_pod_environment() -> None:
     p = plan_from_env(LaunchArgs(trainer_args=("--x",)), POD_ENV)
     assert (p.launcher, p.nnodes, p.nproc_per_node, p.node_rank) == ("torchrun", 2, 8, 1)
-    assert (p.master_addr, p.master_port, p.rdzv_id, p.args) == ("ft-0.ft", 29500, "6f1c", ("--x",))
+    assert (p.master_addr, p.master_port, p.args) == ("ft-0.ft", 29500, ("--x",))
 
 
 def test_flags_override_the_environment() -> None:
@@ -151,7 +150,6 @@ def test_flags_override_the_environment() -> None:
         ),
         ({**POD_ENV, "LORA_MASTER_ADDR": ""}, LaunchArgs(), "LORA_MASTER_ADDR"),
         ({**POD_ENV, "LORA_MASTER_PORT": "70000"}, LaunchArgs(), "LORA_MASTER_PORT"),
-        ({**POD_ENV, "LORA_JOB_UID": ""}, LaunchArgs(), "LORA_JOB_UID"),
         (POD_ENV, LaunchArgs(launcher="mpirun"), "--launcher"),
     ],
 )

@@ -131,7 +131,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--node-rank", help="this pod's index ($JOB_COMPLETION_INDEX)")
     parser.add_argument("--master-addr", help="pod 0's host name ($LORA_MASTER_ADDR)")
     parser.add_argument("--master-port", help="rendezvous port ($LORA_MASTER_PORT or 29500)")
-    parser.add_argument("--rdzv-id", help="rendezvous id ($LORA_JOB_UID or $LORA_JOB_NAME)")
     # Hidden: tests run a small rank program instead of the trainer.
     parser.add_argument("--module", default=DEFAULT_MODULE, help=argparse.SUPPRESS)
     return parser
@@ -149,7 +148,6 @@ def parse_args(argv: Sequence[str]) -> LaunchArgs:
         node_rank=ns.node_rank,
         master_addr=ns.master_addr,
         master_port=ns.master_port,
-        rdzv_id=ns.rdzv_id,
         module=ns.module,
         trainer_args=tuple(argv[split + 1 :]),
     )

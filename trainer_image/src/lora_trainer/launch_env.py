@@ -23,8 +23,6 @@ ENV_NPROC = "LORA_NPROC_PER_NODE"
 ENV_NODE_RANK = "JOB_COMPLETION_INDEX"
 ENV_MASTER_ADDR = "LORA_MASTER_ADDR"
 ENV_MASTER_PORT = "LORA_MASTER_PORT"
-ENV_JOB_UID = "LORA_JOB_UID"
-ENV_JOB_NAME = "LORA_JOB_NAME"
 ENV_LAUNCHER = "LORA_LAUNCHER"
 
 
@@ -42,7 +40,6 @@ class LaunchArgs:
     node_rank: str | None = None
     master_addr: str | None = None
     master_port: str | None = None
-    rdzv_id: str | None = None
     module: str = DEFAULT_MODULE
     trainer_args: tuple[str, ...] = ()
 
@@ -57,7 +54,6 @@ class LaunchPlan:
     node_rank: int
     master_addr: str
     master_port: int
-    rdzv_id: str
     module: str = DEFAULT_MODULE
     args: tuple[str, ...] = ()
     python: str = field(default_factory=lambda: sys.executable)
@@ -115,13 +111,6 @@ def _master_addr(args: LaunchArgs, env: Mapping[str, str], nnodes: int) -> str:
     return addr
 
 
-def _rdzv_id(args: LaunchArgs, env: Mapping[str, str], nnodes: int) -> str:
-    rdzv = _setting(args.rdzv_id, env, ENV_JOB_UID) or _setting(None, env, ENV_JOB_NAME)
-    if rdzv is None and nnodes > 1:
-        raise LaunchError(f"--rdzv-id is required when nnodes > 1 (or set ${ENV_JOB_UID})")
-    return rdzv or "lora-local"
-
-
 def plan_from_env(args: LaunchArgs, env: Mapping[str, str]) -> LaunchPlan:
     """The plan for this pod from the flags, falling back to the operator's environment."""
     nnodes = _int_setting(_setting(args.nnodes, env, ENV_NNODES) or "1", "--nnodes", ENV_NNODES, 1)
@@ -139,7 +128,6 @@ def plan_from_env(args: LaunchArgs, env: Mapping[str, str]) -> LaunchPlan:
         node_rank=_node_rank(args, env, nnodes),
         master_addr=_master_addr(args, env, nnodes),
         master_port=port,
-        rdzv_id=_rdzv_id(args, env, nnodes),
         module=args.module,
         args=args.trainer_args,
     )
@@ -163,9 +151,12 @@ def build_command(plan: LaunchPlan) -> list[str]:
     if plan.nnodes == 1:
         cmd.append("--standalone")
     else:
-        cmd += ["--node-rank", str(plan.node_rank), "--rdzv-backend", "c10d"]
-        cmd += ["--rdzv-endpoint", f"{plan.master_addr}:{plan.master_port}"]
-        cmd += ["--rdzv-id", plan.rdzv_id]
+        # Static rendezvous at pod 0: global rank = node rank x nproc + local rank, so pod
+        # index 0 always holds global rank 0 (the one serving /health that the operator
+        # reads). c10d ranks nodes by arrival: pod 1 could become rank 0. The operator
+        # restarts the whole gang on any failure, so elastic membership buys nothing.
+        cmd += ["--node-rank", str(plan.node_rank), "--rdzv-backend", "static"]
+        cmd += ["--master-addr", plan.master_addr, "--master-port", str(plan.master_port)]
     cmd += ["--max-restarts", "0", "-m", plan.module, *plan.args]
     return cmd
 
