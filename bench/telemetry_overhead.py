@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trainer_throughput import SHAPES, StepTimer, batches, build_model, collate, spec_for
+from throughput import SHAPES, StepTimer, batches, build_model, collate, spec_for
 from transformers import TrainerCallback
 
 from lora_trainer.config import OutputLayout

@@ -1,23 +1,41 @@
-"""Trainer throughput vs a minimal hand-written PEFT loop, in the same process, on one GPU.
+"""Trainer throughput vs a minimal hand-written PEFT loop, on one GPU.
 
-    python bench/trainer_throughput.py --out bench/results/trainer_throughput.jsonl
+    python bench/throughput.py --shapes tinyllama-1.1b --out bench/results/throughput.jsonl
 
-Model: Llama-2-7B shape from config (random weights), bf16, LoRA r=16 on q,k,v,o,
-seq 512, micro-batch 16, gradient accumulation 1, AdamW, clipping 1.0. "trainer" is the code
-the pods run (lora_trainer.train: LoRATrainer + training_arguments from a LoRAFineTune spec,
-eval off); "plain" is forward/backward/clip/step in a loop. Tokens/s counts every input token
-(no padding in the synthetic batches). Each variant: warm-up steps, then timed steps with the
-device synchronised at both ends.
+Models: Llama-2-7B and TinyLlama-1.1B shapes from config (random weights), bf16, LoRA r=16
+alpha 32 dropout 0.05 on q,k,v,o, AdamW, clipping 1.0, gradient accumulation 1, seq 512 and
+2048, with and without gradient checkpointing. Every variant runs in its own process (Liger
+patches transformers' modules process-wide) on the same seeded model and batches:
+
+- plain: the loop a user writes: peft's get_peft_model, bf16 autocast, fused AdamW, clip;
+- trainer: the code the pods run (LoRATrainer + training_arguments + apply_performance from a
+  LoRAFineTune spec with default spec.performance, telemetry at its default interval with the
+  trace writer, eval off);
+- trainer-noopt: the same with spec.performance's fast paths off (adapterFastPath: false,
+  fusedKernels: none): what the trainer did before them;
+- trainer-auto (with checkpointing only): spec.performance.checkpointing: auto.
+
+Tokens/s counts every input token (no padding in the synthetic batches), timed steps only,
+the device synchronised at both ends. MFU = tokens/s x F / 790 TFLOP/s (the dense bf16 peak
+the throughput issue uses for an H200), F = 4 x N_matmul + 3 x attention-forward FLOPs per
+token: 2 N (forward) + 2 N (input gradients; frozen weights need no weight gradients), LoRA's
+own FLOPs ignored, attention 4 x seq x hidden per layer forward, x 3 with its backward.
+Recomputation under checkpointing is not counted (it is overhead, not useful work).
+Each row also has the first and last timed losses: variants on the same data must agree to
+bf16 tolerance (the numerics check of the fast paths on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +43,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from lora_operator.api.spec import LoRAFineTuneSpec
-from lora_trainer.config import OutputLayout
-from lora_trainer.model import apply_lora
-from lora_trainer.train import LoRATrainer, training_arguments
 
+PEAK_FLOPS = 790e12
 SHAPES = {
     "llama2-7b": {
         "hidden_size": 4096,
@@ -55,6 +71,24 @@ SHAPES = {
         "vocab_size": 32000,
     },
 }
+# (shape, seq) -> micro-batch (without checkpointing, with it)
+MICRO_BATCH = {
+    ("llama2-7b", 512): (16, 16),
+    ("llama2-7b", 2048): (8, 16),
+    ("tinyllama-1.1b", 512): (32, 32),
+    ("tinyllama-1.1b", 2048): (16, 16),
+    ("tiny-debug", 512): (4, 4),
+    ("tiny-debug", 2048): (2, 2),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def flops_per_token(shape: str, seq: int) -> float:
+    s = SHAPES[shape]
+    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    n_matmul = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * s["vocab_size"]
+    return 4.0 * n_matmul + 3.0 * (4.0 * seq * h * layers)
 
 
 def build_model(shape: str, seq: int) -> torch.nn.Module:
@@ -66,12 +100,19 @@ def build_model(shape: str, seq: int) -> torch.nn.Module:
     return model
 
 
-def spec_for(seq: int, micro_batch: int, steps: int, zero: int | None = None) -> LoRAFineTuneSpec:
+def spec_for(
+    seq: int,
+    micro_batch: int,
+    steps: int,
+    zero: int | None = None,
+    gc: bool = False,
+    performance: dict[str, Any] | None = None,
+) -> LoRAFineTuneSpec:
     return LoRAFineTuneSpec.model_validate(
         {
             "model": {"source": "file:///unused", "dtype": "bfloat16"},
             "dataset": {"source": "file:///unused", "maxLength": seq},
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": TARGETS},
             "training": {
                 "learningRate": 2e-4,
                 "maxSteps": steps,
@@ -79,11 +120,13 @@ def spec_for(seq: int, micro_batch: int, steps: int, zero: int | None = None) ->
                 "gradientAccumulationSteps": 1,
                 "warmup": {"steps": 0},
                 "precision": "bf16",
+                "gradientCheckpointing": gc,
                 "checkpointEverySteps": 10**6,
                 "eval": {"everySteps": 10**6},
             },
             "distributed": {"gpusPerNode": 1}
             | ({"deepspeed": {"zeroStage": zero}} if zero is not None else {}),
+            "performance": performance or {},
             "output": {"uri": "file:///tmp/bench-out"},
         }
     )
@@ -105,8 +148,17 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class StepTimer(TrainerCallback):
+    """Times the steps after WARMUP; records losses and the host's gap between steps."""
+
     def __init__(self, warmup: int) -> None:
         self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
+        self.losses: list[float] = []
+        self.gaps: list[float] = []
+        self._end = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step > self.warmup:
+            self.gaps.append(time.perf_counter() - self._end)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if state.global_step == self.warmup:
@@ -115,56 +167,101 @@ class StepTimer(TrainerCallback):
         if state.global_step == state.max_steps:
             torch.cuda.synchronize()
             self.t1 = time.perf_counter()
+        self._end = time.perf_counter()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs and "loss" in logs and state.global_step > self.warmup:
+            self.losses.append(float(logs["loss"]))
 
 
-def run_trainer(shape: str, seq: int, mb: int, warmup: int, steps: int, gc_on: bool) -> float:
-    spec = spec_for(seq, mb, warmup + steps)
-    spec.training.gradient_checkpointing = gc_on
-    model = apply_lora(build_model(shape, seq), spec.lora, gc_on)  # type: ignore[arg-type]
-    args = training_arguments(spec, OutputLayout(Path("/tmp/bench-out")), False, False)
-    args.logging_steps = 1
-    timer = StepTimer(warmup)
-    data = batches((warmup + steps) * mb, mb, seq, SHAPES[shape]["vocab_size"])
+def run_trainer(a: argparse.Namespace, performance: dict[str, Any]) -> dict[str, Any]:
+    from lora_trainer.config import OutputLayout
+    from lora_trainer.model import apply_lora
+    from lora_trainer.speed import apply_performance
+    from lora_trainer.telemetry import TelemetryCollector
+    from lora_trainer.trace import TraceWriter
+    from lora_trainer.train import LoRATrainer, TraceCallback, training_arguments
+
+    spec = spec_for(a.seq, a.micro_batch, a.warmup + a.steps, gc=a.gc, performance=performance)
+    model = apply_lora(build_model(a.shape, a.seq), spec.lora, a.gc)  # type: ignore[arg-type]
+    plan = apply_performance(model, spec)
+    out = Path("/tmp/bench-out")
+    args = training_arguments(spec, OutputLayout(out), False, False)
+    timer = StepTimer(a.warmup)
+    telemetry = TelemetryCollector(spec.monitoring.interval_steps)
+    writer = TraceWriter(out / "trace.jsonl")
+    data = batches((a.warmup + a.steps) * a.micro_batch, a.micro_batch, a.seq, a.vocab)
     trainer = LoRATrainer(
-        model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[timer]
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=collate,
+        callbacks=[telemetry, TraceCallback(writer, telemetry), timer],
     )
+    telemetry.attach(trainer)
     trainer.train()
-    return steps * mb * seq / (timer.t1 - timer.t0)
+    writer.close()
+    return {
+        "seconds": timer.t1 - timer.t0,
+        "losses": timer.losses,
+        "host_gap_ms": 1000 * sum(timer.gaps) / max(len(timer.gaps), 1),
+        "plan": plan.to_dict(),
+    }
 
 
-def run_plain(shape: str, seq: int, mb: int, warmup: int, steps: int, gc_on: bool) -> float:
-    spec = spec_for(seq, mb, warmup + steps)
-    model = apply_lora(build_model(shape, seq), spec.lora, gc_on)  # type: ignore[arg-type]
+def run_plain(a: argparse.Namespace) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    model: Any = build_model(a.shape, a.seq)
+    if a.gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
+    model = get_peft_model(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
-    data = batches(mb, mb, seq, SHAPES[shape]["vocab_size"])
-    batch = {k: v.cuda() for k, v in collate(data).items()}
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
+    data = batches((a.warmup + a.steps) * a.micro_batch, a.micro_batch, a.seq, a.vocab)
+    losses, t0 = [], 0.0
+    for i in range(a.warmup + a.steps):
+        if i == a.warmup:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-        loss = model(**batch).loss
+        chunk = data[i * a.micro_batch : (i + 1) * a.micro_batch]
+        batch = {k: v.cuda(non_blocking=True) for k, v in collate(chunk).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if i >= a.warmup:
+            losses.append(loss.detach())
     torch.cuda.synchronize()
-    return steps * mb * seq / (time.perf_counter() - t0)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "losses": [float(x) for x in losses],
+        "host_gap_ms": None,
+        "plan": None,
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llama2-7b", choices=list(SHAPES))
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--out", type=Path, required=True)
-    a = parser.parse_args()
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "trainer": {},
+    "trainer-noopt": {"adapterFastPath": False, "fusedKernels": "none"},
+    "trainer-auto": {"checkpointing": "auto"},
+    "trainer-compile": {"compile": True},  # fused kernels off: see lora_trainer.speed
+}
+
+
+def child(a: argparse.Namespace) -> None:
+    """One variant in this process: print its row."""
+    a.vocab = SHAPES[a.shape]["vocab_size"]
+    torch.cuda.reset_peak_memory_stats()
+    perf = VARIANTS[a.variant]
+    res = run_plain(a) if perf is None else run_trainer(a, perf)
+    tps = a.steps * a.micro_batch * a.seq / res["seconds"]
     import peft
     import transformers
 
@@ -174,29 +271,75 @@ def main() -> None:
         "peft": peft.__version__,
         "python": platform.python_version(),
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    for repeat in range(a.repeats):
-        for variant, fn in (("plain", run_plain), ("trainer", run_trainer)):
-            torch.cuda.reset_peak_memory_stats()
-            tps = fn(a.shape, a.seq, a.micro_batch, a.warmup, a.steps, a.gradient_checkpointing)
-            row = {
-                "model": a.shape,
-                "seq_len": a.seq,
-                "micro_batch": a.micro_batch,
-                "gradient_checkpointing": a.gradient_checkpointing,
-                "variant": variant,
-                "repeat": repeat,
-                "tokens_per_s": round(tps, 1),
-                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                "gpu": torch.cuda.get_device_name(),
-                "versions": versions,
-                "command": " ".join(["python", *sys.argv]),
-            }
-            print(json.dumps(row), flush=True)
-            with a.out.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            gc.collect()
-            torch.cuda.empty_cache()
+    with contextlib.suppress(PackageNotFoundError):
+        versions["liger_kernel"] = version("liger-kernel")
+    row = {
+        "model": a.shape,
+        "seq_len": a.seq,
+        "micro_batch": a.micro_batch,
+        "gradient_checkpointing": a.gc,
+        "variant": a.variant,
+        "tokens_per_s": round(tps, 1),
+        "mfu": round(tps * flops_per_token(a.shape, a.seq) / PEAK_FLOPS, 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "loss_first": round(res["losses"][0], 4),
+        "loss_last": round(res["losses"][-1], 4),
+        "host_gap_ms": None if res["host_gap_ms"] is None else round(res["host_gap_ms"], 2),
+        "plan": res["plan"],
+        "gpu": torch.cuda.get_device_name(),
+        "versions": versions,
+    }
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="tinyllama-1.1b,llama2-7b")
+    p.add_argument("--seqs", default="512,2048")
+    p.add_argument("--gc", default="off,on", help="checkpointing settings to run: off,on")
+    p.add_argument("--variants", default="plain,trainer,trainer-noopt,trainer-auto")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--gc-on", dest="gc_on", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        a.gc = a.gc_on
+        child(a)
+        return
+    command = " ".join(["python", *sys.argv])
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+    for shape in a.shapes.split(","):
+        for seq in (int(s) for s in a.seqs.split(",")):
+            for gc in (g == "on" for g in a.gc.split(",")):
+                mb = MICRO_BATCH[(shape, seq)][int(gc)]
+                for variant in a.variants.split(","):
+                    if variant == "trainer-auto" and not gc:
+                        continue
+                    argv = [sys.executable, __file__, "--child", "--shape", shape]
+                    argv += ["--seq", str(seq), "--micro-batch", str(mb), "--variant", variant]
+                    argv += ["--warmup", str(a.warmup), "--steps", str(a.steps)]
+                    argv += ["--gc-on"] if gc else []
+                    proc = subprocess.run(argv, capture_output=True, text=True, env=os.environ)
+                    rows = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+                    if proc.returncode != 0 or not rows:
+                        tail = (proc.stdout + proc.stderr)[-1500:]
+                        row: dict[str, Any] = {"model": shape, "seq_len": seq, "micro_batch": mb}
+                        row |= {"gradient_checkpointing": gc, "variant": variant}
+                        row |= {"error": f"rc {proc.returncode}: {tail}"}
+                    else:
+                        row = json.loads(rows[-1][4:])
+                    row["command"] = command
+                    print(json.dumps(row), flush=True)
+                    if a.out:
+                        with a.out.open("a") as fh:
+                            fh.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ CHECKS = (
     "steps: supervised tokens per batch",
     "gradient flow: lora_B",
     "gradient flow: lora_A",
+    "performance",
 )
 
 
@@ -91,6 +92,19 @@ def test_target_modules_matching_nothing_fail_naming_the_field(
     assert report.exit_code == EXIT_VERDICT_DEGRADED
     assert not any(ch.name.startswith(("steps:", "gradient")) for ch in report.checks)
     assert report.skipped
+
+
+@pytest.mark.training
+def test_fused_kernels_required_but_impossible_fail_naming_the_field(
+    tmp_path: Path, tiny_assets: Any
+) -> None:
+    report = _preflight(
+        _spec_file(tmp_path, tiny_assets, {"performance": {"fusedKernels": "liger"}})
+    )
+    check = _check(report, "performance")
+    assert check.status == "fail" and report.exit_code == EXIT_VERDICT_DEGRADED
+    assert "spec.performance.fusedKernels: liger, but" in check.message
+    assert "fusedKernels: auto" in check.message  # the fix
 
 
 @pytest.mark.training

@@ -81,6 +81,14 @@ def test_data_statistics_written(quickstart_run: Path) -> None:
     assert stats["pad_label_fraction"] == 0.0  # no loss on padding, ever
 
 
+def test_summary_records_the_performance_plan(quickstart_run: Path) -> None:
+    plan = json.loads((quickstart_run / "summary.json").read_text())["performance"]
+    # the quickstart trains in fp32 on CPU: no autocast to skip casts for, no Triton kernels
+    assert plan["adapter_fast_path"] is False and plan["fused_kernels"] is False
+    assert plan["kernels_note"].startswith("off: ")
+    assert plan["decoder_layers"] >= 1 and plan["checkpointed_layers"] == 0
+
+
 def test_adapter_reloads_to_the_same_eval_loss(quickstart_run: Path, tiny_assets: Any) -> None:
     import torch
     from peft import PeftModel

@@ -51,6 +51,7 @@ from lora_trainer.data import (
     prepare_tokenizer,
 )
 from lora_trainer.model import apply_lora, load_base_model, load_tokenizer
+from lora_trainer.speed import apply_performance
 from lora_trainer.telemetry.collect import Tracked, find_lora
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ def run_preflight(spec: LoRAFineTuneSpec, steps: int = 2, name: str = "") -> Pre
     model = apply_lora(base, spec.lora, spec.training.gradient_checkpointing)
     tracked = find_lora(model)
     _adapter_checks(report, model, tracked, spec)
+    _performance_check(report, model, spec)
     if not data.train:
         report.skipped.append("instrumented steps: no training sample has a supervised token")
         return report
@@ -235,6 +237,20 @@ def _data_checks(report: PreflightReport, stats: Mapping[str, Any], spec: LoRAFi
 
 
 # --- the adapter ---------------------------------------------------------------------------
+
+
+def _performance_check(report: PreflightReport, model: Any, spec: LoRAFineTuneSpec) -> None:
+    """spec.performance applied as the run will (the steps below then use it too)."""
+    try:
+        plan = apply_performance(model, spec)
+    except SpecError as err:
+        report.add("performance", FAIL, "cannot apply", "spec.performance", str(err))
+        return
+    measured = (
+        f"adapter fast path {'on' if plan.adapter_fast_path else 'off'}; fused kernels "
+        f"{plan.kernels_note}; checkpointing {plan.checkpoint_note}"
+    )
+    report.add("performance", PASS, measured, "spec.performance applied")
 
 
 def _adapted_modules_expected(

@@ -37,6 +37,7 @@ from lora_trainer.evaluate import generation_metrics
 from lora_trainer.health_monitor import HealthMonitor, HealthStopCallback
 from lora_trainer.launch import mark_health_stop
 from lora_trainer.model import apply_lora, load_base_model, load_tokenizer
+from lora_trainer.speed import apply_performance
 from lora_trainer.telemetry import TelemetryCollector
 from lora_trainer.telemetry.counters import RankMetrics, RankMetricsCallback
 from lora_trainer.telemetry.exporter import run_info_labels, start_exporter
@@ -204,6 +205,7 @@ def training_arguments(
         deepspeed=build_deepspeed_config(spec),
         ddp_backend="gloo" if spec.distributed.device == "cpu" and _world_size() > 1 else None,
         dataloader_num_workers=0,
+        torch_compile=spec.performance.compile,
     )
 
 
@@ -229,6 +231,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     log.info("data: %s", _brief(data.stats.to_dict()))
     base = load_base_model(spec.model, len(tokenizer) if grew else None)
     model = apply_lora(base, spec.lora, spec.training.gradient_checkpointing)
+    speed = apply_performance(model, spec)
     has_eval = bool(data.eval)
     resume = _latest_checkpoint(spec, layout)
     args = training_arguments(spec, layout, has_eval, resume is not None)
@@ -291,6 +294,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     baseline = trainer.history.get(0, {}) if resume is None else {}
     summary = _summary(spec, trainer, data.stats.to_dict(), baseline, final, started, resume)
     summary["adapter"] = str(layout.adapter)  # the directory save_model wrote above
+    summary["performance"] = speed.to_dict()
     if monitor is not None and writer is not None:
         writer.drain()  # the final evaluation's record reaches the rules
         summary["health"] = monitor.report()

@@ -299,6 +299,37 @@ class TrainingSpec(ApiModel):
     )
 
 
+class PerformanceSpec(ApiModel):
+    """Speed settings. Each default keeps the plain path's numerics (docs/performance.md)."""
+
+    adapter_fast_path: bool = Field(
+        default=True,
+        description="Under bf16/fp16 autocast, feed LoRA layers their input in the compute "
+        "dtype instead of an fp32 copy (same values; saves a cast and its memory per layer).",
+    )
+    fused_kernels: Literal["auto", "liger", "none"] = Field(
+        default="auto",
+        description="Fused RMSNorm, SwiGLU, RoPE and linear cross-entropy (Liger kernels): "
+        "auto uses them on CUDA when the image has liger-kernel and the model type is "
+        "supported; liger requires them; none never.",
+    )
+    checkpointing: Literal["all", "auto"] = Field(
+        default="all",
+        description="With training.gradientCheckpointing: all checkpoints every decoder "
+        "layer; auto measures one layer's activations at start and checkpoints only as many "
+        "layers as the GPU's memory needs (single-process or DDP, not DeepSpeed).",
+    )
+    memory_fraction: float = Field(
+        default=0.9,
+        gt=0.1,
+        le=1.0,
+        description="Share of GPU memory checkpointing: auto may plan to use.",
+    )
+    compile: bool = Field(
+        default=False, description="torch.compile the model (slow first steps; see docs)."
+    )
+
+
 class DeepSpeedSpec(ApiModel):
     """DeepSpeed ZeRO settings (generated config) or a user-supplied config."""
 
@@ -363,7 +394,7 @@ class DistributedSpec(ApiModel):
     )
     launcher: Literal["torchrun", "deepspeed"] = Field(
         default="torchrun",
-        description="torchrun (c10d rendezvous at pod 0) or the deepspeed launcher (--no_ssh).",
+        description="torchrun (static rendezvous at pod 0) or the deepspeed launcher (--no_ssh).",
     )
     deepspeed: DeepSpeedSpec | None = Field(
         default=None, description="DeepSpeed ZeRO; absent means plain DDP."
@@ -530,6 +561,9 @@ class LoRAFineTuneSpec(ApiModel):
         default=None, max_length=512, description="Trainer image (default: the operator's setting)."
     )
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Telemetry.")
+    performance: PerformanceSpec = Field(
+        default_factory=PerformanceSpec, description="Throughput settings."
+    )
     health: HealthSpec = Field(default_factory=HealthSpec, description="Health policy.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Lifecycle.")
     output: OutputSpec = Field(description="Adapter and checkpoint location.")
