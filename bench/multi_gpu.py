@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from throughput import SHAPES as THROUGHPUT_SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "collapse-demo.yaml"
@@ -56,22 +57,12 @@ NO_MULTICAST = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# As bench/throughput.py; --shape tiny is the generated tiny model itself.
+# bench/throughput.py's shapes without their vocabulary (these use the tiny tokenizer's);
+# --shape tiny is the generated tiny model itself.
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama2-7b": {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-    },
-    "tinyllama-1.1b": {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-    },
+    name: {k: v for k, v in shape.items() if k != "vocab_size"}
+    for name, shape in THROUGHPUT_SHAPES.items()
+    if name in ("llama2-7b", "tinyllama-1.1b")
 }
 
 

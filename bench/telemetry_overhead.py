@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from throughput import SHAPES, StepTimer, batches, build_model, collate, spec_for
+from throughput import (
+    SHAPES,
+    StepTimer,
+    batches,
+    build_model,
+    collate,
+    spec_for,
+    train_as_pods,
+)
 from transformers import TrainerCallback
 
 from lora_trainer.config import OutputLayout
@@ -120,18 +128,8 @@ def single_run(model: Any, a: argparse.Namespace) -> dict[str, list[float]]:
     args = training_arguments(spec, OutputLayout(Path("/tmp/bench-out")), False, False)
     telemetry = SwitchedCollector()
     timer = BlockTimer(telemetry, blocks, a.warmup, a.steps)
-    writer = TraceWriter(TRACE)
     data = batches(total * a.micro_batch, a.micro_batch, a.seq, SHAPES[a.shape]["vocab_size"])
-    trainer = LoRATrainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        data_collator=collate,
-        callbacks=[telemetry, TraceCallback(writer, telemetry), timer],
-    )
-    telemetry.attach(trainer)
-    trainer.train()
-    writer.close()
+    train_as_pods(model, args, data, telemetry, timer, TRACE)
     MODES.append(telemetry.mode)
     return timer.times
 

@@ -174,23 +174,14 @@ class StepTimer(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
-def run_trainer(a: argparse.Namespace, performance: dict[str, Any]) -> dict[str, Any]:
-    from lora_trainer.config import OutputLayout
-    from lora_trainer.model import apply_lora
-    from lora_trainer.speed import apply_performance
-    from lora_trainer.telemetry import TelemetryCollector
+def train_as_pods(
+    model: Any, args: Any, data: list[Any], telemetry: Any, timer: Any, trace: Path
+) -> None:
+    """Train with the pods' callbacks: telemetry, the trace writer, then TIMER."""
     from lora_trainer.trace import TraceWriter
-    from lora_trainer.train import LoRATrainer, TraceCallback, training_arguments
+    from lora_trainer.train import LoRATrainer, TraceCallback
 
-    spec = spec_for(a.seq, a.micro_batch, a.warmup + a.steps, gc=a.gc, performance=performance)
-    model = apply_lora(build_model(a.shape, a.seq), spec.lora, a.gc)  # type: ignore[arg-type]
-    plan = apply_performance(model, spec)
-    out = Path("/tmp/bench-out")
-    args = training_arguments(spec, OutputLayout(out), False, False)
-    timer = StepTimer(a.warmup)
-    telemetry = TelemetryCollector(spec.monitoring.interval_steps)
-    writer = TraceWriter(out / "trace.jsonl")
-    data = batches((a.warmup + a.steps) * a.micro_batch, a.micro_batch, a.seq, a.vocab)
+    writer = TraceWriter(trace)
     trainer = LoRATrainer(
         model=model,
         args=args,
@@ -201,6 +192,24 @@ def run_trainer(a: argparse.Namespace, performance: dict[str, Any]) -> dict[str,
     telemetry.attach(trainer)
     trainer.train()
     writer.close()
+
+
+def run_trainer(a: argparse.Namespace, performance: dict[str, Any]) -> dict[str, Any]:
+    from lora_trainer.config import OutputLayout
+    from lora_trainer.model import apply_lora
+    from lora_trainer.speed import apply_performance
+    from lora_trainer.telemetry import TelemetryCollector
+    from lora_trainer.train import training_arguments
+
+    spec = spec_for(a.seq, a.micro_batch, a.warmup + a.steps, gc=a.gc, performance=performance)
+    model = apply_lora(build_model(a.shape, a.seq), spec.lora, a.gc)  # type: ignore[arg-type]
+    plan = apply_performance(model, spec)
+    out = Path("/tmp/bench-out")
+    args = training_arguments(spec, OutputLayout(out), False, False)
+    timer = StepTimer(a.warmup)
+    telemetry = TelemetryCollector(spec.monitoring.interval_steps)
+    data = batches((a.warmup + a.steps) * a.micro_batch, a.micro_batch, a.seq, a.vocab)
+    train_as_pods(model, args, data, telemetry, timer, out / "trace.jsonl")
     return {
         "seconds": timer.t1 - timer.t0,
         "losses": timer.losses,
