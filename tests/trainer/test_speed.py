@@ -105,6 +105,14 @@ def test_adapter_fast_path_keeps_the_cast_without_autocast() -> None:
     assert torch.isfinite(out.logits).all()
 
 
+def test_dropout_zero_adds_no_op() -> None:
+    """lora.dropout 0 is the dropout-free fast path: peft builds no Dropout module at all."""
+    kinds = {type(m).__name__ for n, m in tiny(dropout=0.0).named_modules() if "lora_dropout." in n}
+    assert kinds == {"Identity"}
+    kinds = {type(m).__name__ for n, m in tiny(dropout=0.1).named_modules() if "lora_dropout." in n}
+    assert kinds == {"Dropout"}
+
+
 @pytest.mark.parametrize("count", [0, 1, 3])
 def test_partial_checkpointing_is_exact(count: int) -> None:
     reference = tiny(gc=False)
