@@ -158,6 +158,9 @@ def test_kernels_decision() -> None:
     assert not use and "spec.performance.compile" in why
     with pytest.raises(SpecError, match="not combined with spec.performance.compile"):
         kernels_decision("liger", "llama", True, llama, compile_model=True)
+    assert kernels_decision("auto", "llama", True, llama, zero_stage=2)[0] is True
+    use, why = kernels_decision("auto", "llama", True, llama, zero_stage=3)
+    assert not use and "ZeRO-3" in why
 
 
 def spec(patch: dict[str, Any], make_body: Any) -> LoRAFineTuneSpec:

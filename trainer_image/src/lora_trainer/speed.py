@@ -80,6 +80,7 @@ def kernels_decision(
     cuda: bool,
     supported: frozenset[str] | None,
     compile_model: bool = False,
+    zero_stage: int | None = None,
 ) -> tuple[bool, str]:
     """(use Liger's kernels, why); raises SpecError when `liger` is asked for and impossible."""
     if mode == "none":
@@ -89,6 +90,10 @@ def kernels_decision(
         # measured: Liger's fused linear cross-entropy under torch.compile hits an illegal
         # memory access in its backward (H200, liger-kernel 0.8.5, torch 2.11)
         missing = "they are not combined with spec.performance.compile"
+    elif zero_stage == 3:
+        # Liger's fused linear cross-entropy reads lm_head.weight directly, so ZeRO-3's
+        # gather hook never fires and the matmul sees an empty shard (trl #5891, #6372)
+        missing = "their fused cross-entropy does not work with DeepSpeed ZeRO-3"
     elif supported is None:
         missing = "the trainer image has no liger-kernel package (pip install liger-kernel)"
     elif not cuda:
@@ -219,7 +224,12 @@ def apply_performance(model: torch.nn.Module, spec: LoRAFineTuneSpec) -> SpeedPl
     cuda = spec.distributed.device == "cuda" and torch.cuda.is_available()
     model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
     plan.fused_kernels, plan.kernels_note = kernels_decision(
-        perf.fused_kernels, model_type, cuda, liger_model_types(), perf.compile
+        perf.fused_kernels,
+        model_type,
+        cuda,
+        liger_model_types(),
+        perf.compile,
+        spec.distributed.deepspeed.zero_stage if spec.distributed.deepspeed else None,
     )
     if plan.fused_kernels:
         apply_fused_kernels(model)
