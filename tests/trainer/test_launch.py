@@ -337,7 +337,6 @@ def test_two_pods_meet_at_pod_0_through_the_operators_env(
         "LORA_NPROC_PER_NODE": "1",
         "LORA_MASTER_ADDR": "127.0.0.1",
         "LORA_MASTER_PORT": str(free_port()),
-        "LORA_JOB_UID": "uid-test",
     }
     cmd = [sys.executable, "-c", LAUNCH, "--module", "launch_probe", "--", "ok", str(out)]
     pods = [

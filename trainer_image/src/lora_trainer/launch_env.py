@@ -2,7 +2,8 @@
 
 The operator's Indexed Job sets, per pod: `JOB_COMPLETION_INDEX` (node rank), `LORA_NNODES`,
 `LORA_NPROC_PER_NODE`, `LORA_MASTER_ADDR` (pod 0's stable hostname `NAME-0.SERVICE`),
-`LORA_MASTER_PORT` and `LORA_JOB_UID` (rendezvous id). Flags override the environment.
+and `LORA_MASTER_PORT` (torchrun's static rendezvous there: pod index 0 holds global rank
+0). Flags override the environment.
 """
 
 from __future__ import annotations
