@@ -92,6 +92,7 @@ def test_dev_mode_with_real_kubectl(tiny_assets: Any, tmp_path: Path) -> None:
         assert row.split()[:4] == ["quickstart", "Succeeded", "Healthy", "40"], row
         wide = kubectl("get", "lft", "-o", "wide").splitlines()[0].split()
         assert "PROGRESS" in wide and "EVAL-LOSS" in wide
+        assert "TOKENS/S" in wide and "ETA-S" in wide
         described = kubectl("describe", "lft", "quickstart")
         assert "Events:" in described and "Created" in described and "Succeeded" in described
         children = json.loads(kubectl("get", "jobs,configmaps,services", "-o", "json"))

@@ -39,6 +39,20 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "priority": 1,
     },
     {
+        "name": "Tokens/s",
+        "type": "number",
+        "jsonPath": ".status.metrics.tokensPerSecond",
+        "priority": 1,
+        "description": "Training throughput.",
+    },
+    {
+        "name": "ETA-s",
+        "type": "number",
+        "jsonPath": ".status.progress.etaSeconds",
+        "priority": 1,
+        "description": "Estimated seconds left.",
+    },
+    {
         "name": "Reason",
         "type": "string",
         "jsonPath": ".status.health.reason",
