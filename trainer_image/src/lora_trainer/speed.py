@@ -1,7 +1,8 @@
 """spec.performance: the LoRA adapter fast path, fused kernels, checkpointing sized to memory.
 
-Every setting keeps the plain path's numerics (tests/trainer/test_speed.py; the GPU checks
-in bench/throughput.py) and degrades to the plain path where it cannot apply, saying why.
+Every setting keeps the plain path's numerics (tests/trainer/test_speed.py on CPU,
+tests/trainer/test_speed_gpu.py and the losses in bench/throughput.py's rows on a GPU)
+and degrades to the plain path where it cannot apply, saying why.
 """
 
 from __future__ import annotations
@@ -218,7 +219,6 @@ def apply_performance(model: torch.nn.Module, spec: LoRAFineTuneSpec) -> SpeedPl
     Trainer wraps it) and say what was done."""
     perf, t = spec.performance, spec.training
     plan = SpeedPlan()
-    autocast = t.precision in ("bf16", "fp16") and spec.distributed.deepspeed is None
     if perf.adapter_fast_path and t.precision != "fp32":
         plan.adapter_fast_path = enable_adapter_fast_path(model) > 0
     cuda = spec.distributed.device == "cuda" and torch.cuda.is_available()
@@ -243,9 +243,10 @@ def apply_performance(model: torch.nn.Module, spec: LoRAFineTuneSpec) -> SpeedPl
         plan.checkpointed_layers = plan.decoder_layers
         plan.checkpoint_note = "every layer: auto sizing needs CUDA without DeepSpeed"
     else:
+        # without DeepSpeed the Trainer autocasts bf16/fp16 (None: fp32, no autocast)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
-        count, plan.checkpoint_note = plan_checkpointing(model, spec, dtype if autocast else None)
+        count, plan.checkpoint_note = plan_checkpointing(model, spec, dtype)
         checkpoint_last(model, count)
         plan.checkpointed_layers = count
     log.info(
