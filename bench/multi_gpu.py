@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 from throughput import SHAPES as THROUGHPUT_SHAPES
+from throughput import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "collapse-demo.yaml"
@@ -346,10 +347,7 @@ def overhead_row(every: Run, default: Run) -> dict[str, Any]:
 
 def machine(a: argparse.Namespace) -> dict[str, Any]:
     """Device, its model and count, and the versions that matter."""
-    import deepspeed
-    import peft
     import torch
-    import transformers
 
     if a.device == "cuda":
         model, count = torch.cuda.get_device_name(), torch.cuda.device_count()
@@ -361,13 +359,7 @@ def machine(a: argparse.Namespace) -> dict[str, Any]:
         "device_model": model,
         "device_count": count,
         "shape": a.shape,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "deepspeed": deepspeed.__version__,
-        },
+        "versions": versions("deepspeed"),
         "command": shlex.join(["python", *sys.argv]),
     }
 

@@ -264,6 +264,15 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 }
 
 
+def versions(*extra: str) -> dict[str, str]:
+    """Python, torch, transformers and peft versions, plus each EXTRA distribution installed."""
+    found = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", *extra):
+        with contextlib.suppress(PackageNotFoundError):
+            found[dist.replace("-", "_")] = version(dist)
+    return found
+
+
 def child(a: argparse.Namespace) -> None:
     """One variant in this process: print its row."""
     a.vocab = SHAPES[a.shape]["vocab_size"]
@@ -271,17 +280,6 @@ def child(a: argparse.Namespace) -> None:
     perf = VARIANTS[a.variant]
     res = run_plain(a) if perf is None else run_trainer(a, perf)
     tps = a.steps * a.micro_batch * a.seq / res["seconds"]
-    import peft
-    import transformers
-
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-    }
-    with contextlib.suppress(PackageNotFoundError):
-        versions["liger_kernel"] = version("liger-kernel")
     row = {
         "model": a.shape,
         "seq_len": a.seq,
@@ -296,9 +294,33 @@ def child(a: argparse.Namespace) -> None:
         "host_gap_ms": None if res["host_gap_ms"] is None else round(res["host_gap_ms"], 2),
         "plan": res["plan"],
         "gpu": torch.cuda.get_device_name(),
-        "versions": versions,
+        "versions": versions("liger-kernel"),
     }
     print("ROW " + json.dumps(row), flush=True)
+
+
+def run_variant(
+    shape: str, seq: int, gc: bool, variant: str, a: argparse.Namespace
+) -> dict[str, Any]:
+    """One variant in a child process: its row, or a row with the error's tail."""
+    mb = MICRO_BATCH[(shape, seq)][int(gc)]
+    argv = [sys.executable, __file__, "--child", "--shape", shape, "--seq", str(seq)]
+    argv += ["--micro-batch", str(mb), "--variant", variant]
+    argv += ["--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--gc-on"] if gc else [])
+    proc = subprocess.run(argv, capture_output=True, text=True, env=os.environ)
+    rows = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+    if proc.returncode == 0 and rows:
+        row: dict[str, Any] = json.loads(rows[-1][4:])
+        return row
+    tail = (proc.stdout + proc.stderr)[-1500:]
+    return {
+        "model": shape,
+        "seq_len": seq,
+        "micro_batch": mb,
+        "gradient_checkpointing": gc,
+        "variant": variant,
+        "error": f"rc {proc.returncode}: {tail}",
+    }
 
 
 def main() -> None:
@@ -324,31 +346,20 @@ def main() -> None:
     command = " ".join(["python", *sys.argv])
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-    for shape in a.shapes.split(","):
-        for seq in (int(s) for s in a.seqs.split(",")):
-            for gc in (g == "on" for g in a.gc.split(",")):
-                mb = MICRO_BATCH[(shape, seq)][int(gc)]
-                for variant in a.variants.split(","):
-                    if variant == "trainer-auto" and not gc:
-                        continue
-                    argv = [sys.executable, __file__, "--child", "--shape", shape]
-                    argv += ["--seq", str(seq), "--micro-batch", str(mb), "--variant", variant]
-                    argv += ["--warmup", str(a.warmup), "--steps", str(a.steps)]
-                    argv += ["--gc-on"] if gc else []
-                    proc = subprocess.run(argv, capture_output=True, text=True, env=os.environ)
-                    rows = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
-                    if proc.returncode != 0 or not rows:
-                        tail = (proc.stdout + proc.stderr)[-1500:]
-                        row: dict[str, Any] = {"model": shape, "seq_len": seq, "micro_batch": mb}
-                        row |= {"gradient_checkpointing": gc, "variant": variant}
-                        row |= {"error": f"rc {proc.returncode}: {tail}"}
-                    else:
-                        row = json.loads(rows[-1][4:])
-                    row["command"] = command
-                    print(json.dumps(row), flush=True)
-                    if a.out:
-                        with a.out.open("a") as fh:
-                            fh.write(json.dumps(row) + "\n")
+    runs = [
+        (shape, int(seq), g == "on", variant)
+        for shape in a.shapes.split(",")
+        for seq in a.seqs.split(",")
+        for g in a.gc.split(",")
+        for variant in a.variants.split(",")
+        if g == "on" or variant != "trainer-auto"  # auto sizes checkpointing: only with it
+    ]
+    for shape, seq, gc, variant in runs:
+        row = run_variant(shape, seq, gc, variant, a) | {"command": command}
+        print(json.dumps(row), flush=True)
+        if a.out:
+            with a.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
