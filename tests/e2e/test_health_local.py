@@ -35,6 +35,15 @@ async def events_of(cluster: Cluster, name: str) -> list[dict[str, Any]]:
     return [e for e in await cluster.client.list(EVENTS) if e["involvedObject"]["name"] == name]
 
 
+async def collapse_warnings(cluster: Cluster) -> list[dict[str, Any]]:
+    """collapse-alert's Warning Events for the collapse rule (kopf posts Events from a queue,
+    a moment after the status patch that they accompany)."""
+    return [
+        e for e in await events_of(cluster, "collapse-alert")
+        if e["type"] == "Warning" and e["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE
+    ]  # fmt: skip
+
+
 async def trainer_pods(cluster: Cluster, name: str) -> list[dict[str, Any]]:
     sel = f"{c.LABEL_JOB_NAME}={name},{c.LABEL_ROLE}=trainer"
     return list(await cluster.client.list(f"{PODS}?labelSelector={sel}"))
@@ -106,10 +115,7 @@ async def test_collapse_demo_policies_preflight_and_operator_restart(
         assert health["rulesFiring"][0]["rule"] == c.RULE_LORA_GRADIENT_COLLAPSE
         assert health["rulesFiring"][0]["evidence"], health
         assert alert["status"]["phase"] == c.PHASE_RUNNING
-        warnings = [
-            e for e in await events_of(cluster, "collapse-alert")
-            if e["type"] == "Warning" and e["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE
-        ]  # fmt: skip
+        warnings = await until(lambda: collapse_warnings(cluster), timeout=15)  # posted async
         assert len(warnings) == 1, warnings
         snapshot = cluster.metrics.snapshot()
         assert snapshot[(NS, "collapse-alert")][1] == c.RULE_LORA_GRADIENT_COLLAPSE
@@ -130,10 +136,7 @@ async def test_collapse_demo_policies_preflight_and_operator_restart(
         assert await cluster.children("collapse-alert") == kids or all(
             len(v) == len(kids[k]) for k, v in (await cluster.children("collapse-alert")).items()
         )
-        warnings = [
-            e for e in await events_of(cluster, "collapse-alert")
-            if e["type"] == "Warning" and e["reason"] == c.RULE_LORA_GRADIENT_COLLAPSE
-        ]  # fmt: skip
+        warnings = await collapse_warnings(cluster)
         assert len(warnings) == 1, warnings
         await cluster.kubectl("delete", "lft", "collapse-alert", "--wait=false")
 
