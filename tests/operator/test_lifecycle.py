@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+import kopf
 import pytest
 
 from lora_operator.api import constants as c
@@ -15,7 +16,9 @@ from lora_operator.builders import (
     build_preflight_job,
     build_spec_configmap,
 )
+from lora_operator.controller.handlers import Controller
 from lora_operator.controller.health_watch import Probe
+from lora_operator.controller.kube import ApiError
 from lora_operator.controller.reconcile import (
     ANNOTATION_HEALTH_SUSPEND,
     Decision,
@@ -309,6 +312,34 @@ def test_a_degraded_reading_sets_degraded_with_one_warning(body: Body) -> None:
     assert healthy.degraded_reason is None
 
 
+async def test_a_failed_suspend_patch_loses_no_degraded_event(
+    body: Body, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status write lands, the LoRAFineTune patch answers 500: the Degraded Warning is
+    posted anyway (the next reconcile sees no transition), the policy's Event is not (it
+    goes out when the retried patch lands)."""
+    body["spec"]["health"]["onDegraded"] = "Suspend"
+    body = started(body)
+    _, decision = step(body, running_observed(body), LATER, DEGRADED)
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        kopf, "event", lambda _b, *, type, reason, message: posted.append((type, reason))
+    )
+    writes: list[str] = []
+
+    class Kube:  # the status subresource answers, the object's own patch does not
+        def patch_status(self, *_: Any) -> None:
+            writes.append("status")
+
+        def patch_lorafinetune(self, *_: Any) -> None:
+            raise ApiError(500, "etcdserver: request timed out")
+
+    with pytest.raises(ApiError):
+        await Controller(CONFIG)._apply(cast(Any, Kube()), body, decision)
+    assert writes == ["status"]
+    assert posted == [("Warning", c.RULE_LORA_GRADIENT_COLLAPSE)]
+
+
 def test_a_failed_read_never_marks_a_healthy_job_degraded(body: Body) -> None:
     body = started(body)
     _, decision = step(body, running_observed(body), LATER, Probe(None, "unreachable", "refused"))
@@ -324,7 +355,9 @@ def test_on_degraded_suspend_suspends_and_says_why(body: Body) -> None:
     assert decision.lft_patch["spec"] == {"runPolicy": {"suspend": True}}
     note = decision.lft_patch["metadata"]["annotations"][ANNOTATION_HEALTH_SUSPEND]
     assert c.RULE_LORA_GRADIENT_COLLAPSE in note
-    assert c.REASON_HEALTH_POLICY in warnings(decision)
+    # the Degraded Warning goes out with the status; the policy's with the patch it explains
+    assert c.RULE_LORA_GRADIENT_COLLAPSE in warnings(decision)
+    assert [e.reason for e in decision.lft_patch_events] == [c.REASON_HEALTH_POLICY]
     # the handlers apply the patch; the Job gets suspended
     body = copy.deepcopy(body)
     body["metadata"].setdefault("annotations", {})[ANNOTATION_HEALTH_SUSPEND] = note

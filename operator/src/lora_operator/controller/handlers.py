@@ -4,12 +4,13 @@ Every handler (LoRAFineTune create/resume/update, any event of a Job carrying th
 labels, and the health timer) runs the same level-triggered `sync` under a per-object lock:
 GET the LoRAFineTune and its children (the timer also reads the rank-0 trainer's `/health`),
 `reconcile`, then write: status first (through the status subresource, so a restart count
-or a Failed phase is recorded before the action it explains), the LoRAFineTune's own patch
-(onDegraded=Suspend), Job deletion (gang restart, onDegraded=Fail), creation of what is
-missing (409 = already there), the Job's live fields, one Event per transition, and the
-TTL deletion. Deletion of a LoRAFineTune needs no handler: ownerReferences let garbage
-collection remove the children, so kopf adds no finalizer; its metrics series are dropped
-on the DELETED event.
+or a Failed phase is recorded before the action it explains) and right after it one Event
+per transition it records, the LoRAFineTune's own patch (onDegraded=Suspend) and its Event,
+Job deletion (gang restart, onDegraded=Fail), creation of what is missing (409 = already
+there, an Event per object created), the Job's live fields, and the TTL deletion.
+Deletion of a LoRAFineTune needs no handler: ownerReferences let garbage collection remove
+the children, so kopf adds no finalizer; its metrics series are dropped on the DELETED
+event.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lora_operator.controller.metrics import OperatorMetrics
 from lora_operator.controller.reconcile import (
     TERMINAL_PHASES,
     Decision,
+    EventNote,
     Observed,
     job_finished,
     reconcile,
@@ -214,8 +216,12 @@ class Controller:
         old = raw.get("status") or {}
         if any(old.get(k) != v for k, v in decision.status.items()):
             await asyncio.to_thread(kube.patch_status, namespace, name, decision.status)
+        # the transitions that status records are announced now: a later write that fails
+        # must not lose them (the next reconcile sees no transition any more)
+        post_events(body, decision.events)
         if decision.lft_patch is not None:
             await asyncio.to_thread(kube.patch_lorafinetune, namespace, name, decision.lft_patch)
+            post_events(body, decision.lft_patch_events)  # retried with the patch otherwise
         job_name = ChildNames(name).job
         if decision.delete_job is not None:
             await asyncio.to_thread(
@@ -228,13 +234,16 @@ class Controller:
                            message=f"created {kind} {child_name}")  # fmt: skip
         if decision.job_patch is not None:
             await asyncio.to_thread(kube.patch_job, namespace, job_name, decision.job_patch)
-        for note in decision.events:
-            kopf.event(body, type=note.type, reason=note.reason, message=note.message)
         if decision.delete_self:
             logger.info("%s/%s: ttlSecondsAfterFinished passed: deleting it", namespace, name)
             await asyncio.to_thread(
                 kube.delete, c.API_VERSION, c.PLURAL, namespace, name, meta["uid"]
             )
+
+
+def post_events(body: kopf.Body, notes: list[EventNote]) -> None:
+    for note in notes:
+        kopf.event(body, type=note.type, reason=note.reason, message=note.message)
 
 
 def build_registry(config: OperatorConfig, controller: Controller) -> kopf.OperatorRegistry:

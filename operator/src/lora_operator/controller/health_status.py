@@ -51,7 +51,7 @@ def apply_health(
             "spec": {"runPolicy": {"suspend": True}},
         }
         out.job_patch = (out.job_patch or {}) | {"suspend": True}
-        st.events.append(
+        out.lft_patch_events.append(
             EventNote(
                 "Warning",
                 c.REASON_HEALTH_POLICY,

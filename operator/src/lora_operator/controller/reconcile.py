@@ -113,5 +113,6 @@ def reconcile(
         st.events.append(phase_event(old.get("phase"), phase, st.conditions))
     delete_self = phase in TERMINAL_PHASES and ttl_passed(spec, body, status, now)
     return Decision(
-        out.create, out.job_patch, status, st.events, out.delete_job, out.lft_patch, delete_self
-    )
+        out.create, out.job_patch, status, st.events, out.delete_job, out.lft_patch, delete_self,
+        out.lft_patch_events,
+    )  # fmt: skip

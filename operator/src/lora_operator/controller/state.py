@@ -54,10 +54,11 @@ class Decision:
     create: list[dict[str, Any]] = field(default_factory=list)
     job_patch: dict[str, Any] | None = None  # merge patch of the Job's spec
     status: dict[str, Any] = field(default_factory=dict)
-    events: list[EventNote] = field(default_factory=list)
+    events: list[EventNote] = field(default_factory=list)  # the transitions STATUS records
     delete_job: str | None = None  # uid of the training Job to delete (restart, Fail)
     lft_patch: dict[str, Any] | None = None  # merge patch of the LoRAFineTune (not status)
     delete_self: bool = False  # ttlSecondsAfterFinished passed
+    lft_patch_events: list[EventNote] = field(default_factory=list)  # once LFT_PATCH landed
 
     @property
     def degraded_reason(self) -> str | None:
@@ -113,6 +114,7 @@ class Writes:
     job_patch: dict[str, Any] | None = None
     delete_job: str | None = None
     lft_patch: dict[str, Any] | None = None
+    lft_patch_events: list[EventNote] = field(default_factory=list)
     preflight_failed: bool = False
 
 
