@@ -35,7 +35,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from typing import Any
 import yaml
 from throughput import SHAPES as THROUGHPUT_SHAPES
 from throughput import versions
+
+from lora_operator.local.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "collapse-demo.yaml"
@@ -79,13 +80,6 @@ class Run:
     prom: Path
     wall_s: float
     command: list[str]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def shape_model(shape: str, tiny: Path, dest: Path) -> Path:

@@ -36,7 +36,6 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from lora_operator.local import LocalApiServer
 from lora_operator.local.jobs import JOBS, PODS, JobController
 from lora_operator.local.kubeapi import KubeClient, KubeError, path, watch_forever
 from lora_operator.local.kubeconfig import kubeconfig
+from lora_operator.local.ports import free_port
 from lora_operator.local.store import now_iso
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,12 +282,6 @@ async def wait_http(url: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def machine() -> dict[str, Any]:
@@ -543,9 +537,7 @@ def main() -> int:
     if args.probe_cpu is None:
         args.probe_cpu = 2 if (os.cpu_count() or 1) > 2 else args.load_cpu
     if not args.health_port:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            args.health_port = int(s.getsockname()[1])
+        args.health_port = free_port()
     result = asyncio.run(run(args))
     text = json.dumps(result, indent=2)
     print(text)

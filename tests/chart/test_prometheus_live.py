@@ -26,9 +26,10 @@ from typing import Any
 import pytest
 import yaml
 
+from lora_operator.local.ports import free_port
 from lora_operator.observability import alerts
 from tests.chart.conftest import CHART
-from tests.conftest import EXAMPLES, deep_merge, free_port
+from tests.conftest import EXAMPLES, deep_merge
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 TRAINER_ALERTS = {a.name for a in alerts.ALERTS if a.group == alerts.GROUP_TRAINER}

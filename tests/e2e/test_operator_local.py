@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from lora_operator.api import constants as c
+from lora_operator.local.ports import free_port
 from tests.e2e.cluster import (
     CHILDREN,
     NS,
@@ -174,9 +174,3 @@ def http_get(url: str) -> tuple[int, str]:
         return err.code, ""
     except OSError:
         return 0, ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from lora_operator.local.kubeapi import KubeError
-from tests.conftest import free_port
+from lora_operator.local.ports import free_port
 from tests.local import test_runner
 from tests.local.test_runner import (
     JOBS,

@@ -27,7 +27,7 @@ import yaml
 from lora_operator.local import LocalApiServer
 from lora_operator.local.kubeapi import KubeClient
 from lora_operator.local.podrunner import PodRunner
-from tests.conftest import free_port
+from lora_operator.local.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = ROOT / ".venv" / "bin" / "kubectl"

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from lora_operator.api.constants import EXIT_HEALTH_STOP
-from tests.conftest import EXAMPLES, deep_merge, free_port
+from lora_operator.local.ports import free_port
+from tests.conftest import EXAMPLES, deep_merge
 
 
 def _get(url: str) -> tuple[int, bytes]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lora_operator.api.constants import EXIT_HEALTH_STOP
+from lora_operator.local.ports import free_port
 from lora_trainer.launch import exit_code, main, mark_health_stop
 from lora_trainer.launch_env import (
     LaunchArgs,
@@ -28,7 +29,6 @@ from lora_trainer.launch_env import (
     plan_from_env,
     redact,
 )
-from tests.conftest import free_port
 
 PROBE = """
 import os, signal, sys, time

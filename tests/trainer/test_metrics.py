@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from lora_operator.local.ports import free_port
 from lora_trainer.data_stats import DataStats
 from lora_trainer.telemetry import catalog
 from lora_trainer.telemetry.catalog import BY_NAME, CATALOG, RUN_INFO_LABELS, MetricDef
@@ -29,7 +30,7 @@ from lora_trainer.telemetry.collect import TelemetryCollector
 from lora_trainer.telemetry.counters import ENV_PROM_DIR, RankMetrics
 from lora_trainer.telemetry.exporter import build_registry, run_info_labels, start_exporter
 from lora_trainer.telemetry.stats import MatrixStats, ModuleStats, StepStats
-from tests.conftest import EXAMPLES, ROOT, deep_merge, free_port
+from tests.conftest import EXAMPLES, ROOT, deep_merge
 
 DOCS = ROOT / "docs" / "metrics.md"
 LAYERS, MODULES = 3, ("q", "v")

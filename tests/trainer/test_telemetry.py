@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from lora_operator.local.ports import free_port
 from lora_trainer.telemetry.collect import TelemetryCollector, _unwrap_optimizer
 from lora_trainer.telemetry.stats import (
     Layout,
@@ -36,7 +37,7 @@ from lora_trainer.telemetry.stats import (
     shape_groups,
     unpack,
 )
-from tests.conftest import EXAMPLES, deep_merge, free_port
+from tests.conftest import EXAMPLES, deep_merge
 
 _NAME = re.compile(r"layers\.(\d+)\..*\.(\w+)_proj\.lora_([AB])\.")
 _REL = 1e-4
