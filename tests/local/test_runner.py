@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from lora_operator.local import LocalApiServer
+from lora_operator.local.apiserver import Fault, LoggedRequest
 from lora_operator.local.kubeapi import KubeClient
 from lora_operator.local.podrunner import PodRunner
 from lora_operator.local.ports import free_port
@@ -183,7 +184,7 @@ async def test_indexed_job_pods_talk_over_their_hostnames(cluster: Cluster) -> N
         assert meta["labels"]["batch.kubernetes.io/job-completion-index"] == str(index)
         assert meta["labels"]["batch.kubernetes.io/controller-uid"] == job["metadata"]["uid"]
         assert meta["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-        assert not meta.get("finalizers")  # job-tracking finalizer removed once counted
+        assert not meta.get("finalizers")  # job-tracking finalizer removed before Complete
         assert pod["spec"]["hostname"] == f"talk-{index}"
         assert pod["status"]["phase"] == "Succeeded"
         (container,) = pod["status"]["containerStatuses"]
@@ -319,12 +320,34 @@ async def test_ignored_exit_code_is_retried_without_counting(
     assert phases == ["Failed", "Succeeded"]  # the ignored failure left its pod behind
 
 
+async def test_counted_pods_survive_a_failed_status_write(cluster: Cluster) -> None:
+    """As the real Job controller: a finished pod is listed in uncountedTerminatedPods, its
+    finalizer goes, then the count and Complete are written. That last write answers 500:
+    the next sync still counts the pod (from the list), once."""
+    seen: list[LoggedRequest] = []
+
+    def after_release(entry: LoggedRequest) -> bool:
+        released = bool(seen) and (seen[-1].verb, seen[-1].resource) == ("patch", "pods")
+        seen.append(entry)
+        return released and (entry.verb, entry.subresource) == ("patch", "status")
+
+    fault = cluster.api.inject(Fault(after_release, status=500))
+    await cluster.client.create(JOBS, make_job("count", "print('done')"))
+    job = await finished(cluster, "count")
+    assert fault.times == 0, "the fault fired"
+    assert condition(job, "Complete"), job["status"]
+    assert (job["status"]["succeeded"], job["status"]["failed"]) == (1, 0)
+    assert not job["status"].get("uncountedTerminatedPods")
+    (pod,) = await cluster.pods("count")
+    assert not pod["metadata"].get("finalizers")
+
+
 async def test_active_deadline(cluster: Cluster) -> None:
     job = make_job("slow", "import time; time.sleep(60)", activeDeadlineSeconds=1)
     await cluster.client.create(JOBS, job)
     done = await finished(cluster, "slow")
     assert condition(done, "Failed")["reason"] == "DeadlineExceeded"
-    # the running pod was terminated (deleted) by the Job controller before Failed was set
+    # the running pod was deleted by the Job controller; Failed shows once it is gone
     assert not await cluster.pods("slow")
     assert done["status"]["active"] == 0
 

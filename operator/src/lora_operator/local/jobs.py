@@ -92,6 +92,15 @@ def has_condition(status: Obj, ctype: str) -> bool:
     return any(c["type"] == ctype and c["status"] == "True" for c in status.get("conditions") or [])
 
 
+def _uncounted(pods: list[Obj]) -> Obj:
+    """status.uncountedTerminatedPods for PODS: their UIDs by how they ended."""
+    out: Obj = {}
+    for pod in pods:
+        key = "succeeded" if _phase(pod) == "Succeeded" else "failed"
+        out.setdefault(key, []).append(pod["metadata"]["uid"])
+    return out
+
+
 def _phase(pod: Obj) -> str:
     return str((pod.get("status") or {}).get("phase") or "Pending")
 
@@ -189,25 +198,40 @@ class JobController:
         ready = [p for p in active if has_condition(p.get("status") or {}, "Ready")]
         status.update(active=len(active), ready=len(ready), terminating=len(terminating))
         status.update(uncountedTerminatedPods={})
-        if status != old:
-            url = path("batch/v1", "jobs", meta["namespace"], meta["name"]) + "/status"
-            await self.client.patch(url, {"status": status})
-        for pod in counted:  # counted in the status written above: release the pods
+        url = path("batch/v1", "jobs", meta["namespace"], meta["name"]) + "/status"
+        listed = _uncounted(counted) if not finished else {}
+        if listed:
+            # as the real Job controller: the pods it counts are first listed as uncounted,
+            # then their finalizers go, and only then the counts and a terminal condition
+            # (Complete or Failed never shows while a counted pod still holds a finalizer)
+            await self.client.patch(url, {"status": {"uncountedTerminatedPods": listed}})
+        for pod in counted:
             await self._release(pod)
+        if listed or status != old:
+            cleared = dict.fromkeys(listed)  # a merge patch removes the lists with None
+            await self.client.patch(url, {"status": status | {"uncountedTerminatedPods": cleared}})
 
     def _count(
         self, job: Obj, pods: list[Obj], status: Obj, finished: bool
     ) -> tuple[list[Obj], tuple[str, str] | None]:
-        """Account terminated pods that still carry the tracking finalizer, once each."""
+        """Account terminated pods that still carry the tracking finalizer (or are listed in
+        status.uncountedTerminatedPods), once each."""
         status.setdefault("succeeded", 0)
         status.setdefault("failed", 0)
         completed = parse_indexes(status.get("completedIndexes"))
         suspended = bool(job["spec"].get("suspend"))
         counted, failure = [], None
+        # pods a sync listed and released but could not count (it stopped before its write)
+        listed = {
+            uid
+            for uids in (status.get("uncountedTerminatedPods") or {}).values()
+            for uid in uids or []
+        }
         for pod in pods:
             if _phase(pod) not in ("Succeeded", "Failed"):
                 continue
-            if TRACKING not in (pod["metadata"].get("finalizers") or []):
+            tracked = TRACKING in (pod["metadata"].get("finalizers") or [])
+            if not tracked and pod["metadata"]["uid"] not in listed:
                 continue
             counted.append(pod)
             if finished:
