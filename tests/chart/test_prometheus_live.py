@@ -183,7 +183,7 @@ def test_healthy_quickstart_fires_no_job_alert(
 ) -> None:
     tiny = str(Path(tiny_assets.model_dir).parent)
     patch = {
-        "training": {"maxSteps": 40, "eval": {"everySteps": 10000}, "checkpointEverySteps": 10000}
+        "training": {"maxSteps": 80, "eval": {"everySteps": 10000}, "checkpointEverySteps": 10000}
     }
     proc = _start(tmp_path, "quickstart.yaml", ports["quickstart"], patch, tiny)
     seen: list[dict[str, Any]] = []
@@ -207,6 +207,11 @@ def test_healthy_quickstart_fires_no_job_alert(
         assert proc.wait(timeout=30) == 0, (tmp_path / "trainer.log").read_text()[-2000:]
     finally:
         _stop(proc)
+    # the exporter closes with the run: what was scraped last, past the staleness markers
+    result = prometheus.query(
+        'max_over_time(lora_trainer_health_evaluation_step{pod="quickstart-0"}[10m])'
+    )
+    evaluated = max([evaluated, *(float(r["value"][1]) for r in result)])
     assert steps > 0, "Prometheus never scraped the quickstart run"
     assert evaluated >= 20, "the health rules never ran past the grace period"
     assert not seen, seen

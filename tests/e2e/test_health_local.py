@@ -100,7 +100,7 @@ async def test_collapse_demo_policies_preflight_and_operator_restart(
         assert await trainer_pods(cluster, "bad-targets") == []
         jobs = await cluster.children("bad-targets")
         assert [j["metadata"]["name"] for j in jobs["jobs"]] == ["bad-targets-preflight"]
-        clash = await cluster.lft("clash")
+        clash = await wait_condition(cluster, "clash", c.COND_SPEC_ACCEPTED, "False", 30)
         refused = condition(clash, c.COND_SPEC_ACCEPTED)
         assert refused["status"] == "False" and "spec.pod.env[0].name" in refused["message"]
         assert await cluster.children("clash") == {"configmaps": [], "services": [], "jobs": []}

@@ -111,9 +111,14 @@ async def _quickstart(cluster: Cluster, tiny_dir: Path, tmp_path: Path) -> None:
     header, row = (await cluster.kubectl("get", "lft")).splitlines()
     assert header.split()[:6] == ["NAME", "PHASE", "HEALTH", "STEP", "LOSS", "AGE"]
     assert row.split()[:2] == ["quickstart", "Succeeded"]
-    events = await cluster.client.list(f"/api/v1/namespaces/{NS}/events")
-    reasons = [e["reason"] for e in events if e["involvedObject"].get("name") == "quickstart"]
-    assert reasons.count("Created") == 4 and "Succeeded" in reasons, reasons
+
+    async def reasons_once_succeeded() -> list[str] | None:  # Events trail the status
+        events = await cluster.client.list(f"/api/v1/namespaces/{NS}/events")
+        found = [e["reason"] for e in events if e["involvedObject"].get("name") == "quickstart"]
+        return found if "Succeeded" in found else None
+
+    reasons = await until(reasons_once_succeeded, timeout=15)
+    assert reasons.count("Created") == 4, reasons
     assert c.REASON_IMMUTABLE_FIELD in reasons
 
 
