@@ -20,6 +20,7 @@ import pytest
 from lora_operator.api import constants as c
 from tests.chaos.faults import (
     DONE,
+    LOCAL_AGENT,
     MARKS,
     ReadOutage,
     api_faults,
@@ -96,7 +97,14 @@ async def test_ttl_deletes_once_never_recreates(tiny: Path, tmp_path: Path, faul
                     seen.append(ev["type"])
 
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(0.5)
+
+        async def watching() -> bool:  # the watch is open (its LIST came first)
+            return any(
+                (r.verb, r.resource, r.user_agent) == ("watch", "lorafinetunes", LOCAL_AGENT)
+                for r in list(cluster.api.log)
+            )
+
+        await until(watching, timeout=30)
         await cluster.apply(body)
 
         async def gone() -> bool:

@@ -466,14 +466,25 @@ async def test_namespaced_operator_reads_only_what_its_roles_grant(tmp_path: Pat
     cluster-wide requests are exactly the namespaced ClusterRole, the others in the Role."""
     from lora_operator.controller.settings import OperatorConfig
     from lora_operator.dev.cluster import dev_cluster
+    from tests.e2e.cluster import until
 
     config = OperatorConfig("ignored:0.1", ("default",), watch_timeout_seconds=5,
                             metrics_port=None)  # fmt: skip
-    async with dev_cluster(tmp_path / "state", config) as cluster:
-        await asyncio.sleep(2.0)
-        await cluster.stop_operator()
-        used = _operator_requests(list(cluster.api.log))
     objs = render({"watchNamespaces": ["default"]})
-    cluster_wide = {(g, r, v) for ns, g, r, v in used if ns is None}
-    assert cluster_wide == _grants(one(objs, "ClusterRole"))
+    granted = _grants(one(objs, "ClusterRole"))
+
+    def cluster_wide(used: set[tuple[str | None, str, str, str]]) -> set[tuple[str, str, str]]:
+        return {(g, r, v) for ns, g, r, v in used if ns is None}
+
+    async with dev_cluster(tmp_path / "state", config) as cluster:
+
+        async def watching() -> bool:  # kopf is ready before its first list and watch
+            return cluster_wide(_operator_requests(list(cluster.api.log))) >= granted
+
+        try:
+            await until(watching, timeout=30)
+        finally:
+            await cluster.stop_operator()
+        used = _operator_requests(list(cluster.api.log))
+    assert cluster_wide(used) == granted
     assert {(g, r, v) for ns, g, r, v in used if ns == "default"} <= _grants(one(objs, "Role"))

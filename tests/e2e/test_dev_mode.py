@@ -117,7 +117,9 @@ def test_dev_mode_with_real_kubectl(tiny_assets: Any, tmp_path: Path) -> None:
         rest, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, "".join(lines) + rest
         assert "Stopped" in rest
-        time.sleep(0.5)
+        deadline = time.monotonic() + 15  # the workers' exits may trail dev's own
+        while [p for p in tree if alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert not [p for p in tree if alive(p)], "processes left behind"
     finally:
         if proc.poll() is None:

@@ -79,11 +79,15 @@ async def _quickstart(cluster: Cluster, tiny_dir: Path, tmp_path: Path) -> None:
     assert condition(lft, c.COND_SPEC_ACCEPTED)["status"] == "True"
     assert condition(lft, c.COND_RUNNING)["observedGeneration"] == lft["metadata"]["generation"]
 
-    # restart the operator mid-run: it resumes, creates nothing twice
+    # restart the operator mid-run (the trainer frozen meanwhile, so that it is mid-run
+    # however long the stop takes): it resumes, creates nothing twice
+    trainer = pod["metadata"]["name"]
+    cluster.runner.signal_pod(NS, trainer, signal.SIGSTOP)
     await cluster.stop_operator()
     job = await cluster.client.get(CHILDREN["jobs"] + "/quickstart")
     assert job["status"]["active"] == 1, job["status"]  # still training while it was down
     await cluster.start_operator()
+    cluster.runner.signal_pod(NS, trainer, signal.SIGCONT)
     # a training field changed after start is refused, naming the field; the job runs on
     await cluster.kubectl("patch", "lft", "quickstart", "--type=merge",
                           "-p", json.dumps({"spec": {"lora": {"r": 8}}}))  # fmt: skip
