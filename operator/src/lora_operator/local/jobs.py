@@ -6,7 +6,10 @@ active), pod names `<job>-<index>-<rand>` with the Job labels
 annotation, JOB_COMPLETION_INDEX env, hostname `<job>-<index>` (+ template subdomain) and a
 controlling ownerReference (garbage collection deletes the pods with the Job); the
 `batch.kubernetes.io/job-tracking` finalizer so every terminated pod is counted once
-(status.succeeded/failed, completedIndexes) even when the pod is deleted; backoffLimit
+(status.succeeded/failed, completedIndexes) even when the pod is deleted: listed in
+status.uncountedTerminatedPods, released, then counted, so Complete/Failed never shows
+while a counted pod still holds the finalizer and a failed status write loses no count;
+backoffLimit
 (a failed index gets a new pod until failed > backoffLimit -> Failed/BackoffLimitExceeded);
 podFailurePolicy rules in order (onExitCodes In/NotIn with containerName, onPodConditions;
 FailJob -> Failed/PodFailurePolicy, Ignore -> not counted, Count); suspend (active pods
