@@ -15,7 +15,7 @@ TINY_DIR ?= /tmp/lora-operator/tiny
 PYTEST_MARKERS ?= not gpu and not lab_full and not chaos_full
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup demo test lint crds crds-check tiny-model lab chaos clean
+.PHONY: help setup demo test lint crds crds-check tiny-model lab chaos fuzz clean
 
 help:
 	@echo "make demo        set up, then run the main job on the embedded default"
@@ -26,6 +26,7 @@ help:
 	@echo "make tiny-model  regenerate the tiny CPU model and data into $(TINY_DIR)"
 	@echo "make lab         the full failure lab (real CPU training; rewrites bench/results/lab.*)"
 	@echo "make chaos       the full fault matrix (rewrites the table in docs/reliability.md)"
+	@echo "make fuzz        the fuzz tests with 2,000 fresh random examples each"
 
 setup: $(STAMP)
 
@@ -85,6 +86,10 @@ chaos: setup tiny-model
 	status=0; LORA_OPERATOR_TINY_DIR=$(TINY_DIR) LORA_CHAOS_RESULTS=$(CURDIR)/bench/results/chaos.jsonl \
 	  $(PY) -m pytest tests/chaos -p no:cacheprovider || status=$$?; \
 	  $(PY) bench/chaos_table.py bench/results/chaos.jsonl; exit $$status
+
+# The fuzz tests with 2,000 fresh random examples each (make test runs a fixed 50).
+fuzz: setup tiny-model
+	LORA_OPERATOR_TINY_DIR=$(TINY_DIR) LORA_FUZZ_PROFILE=chaos_full $(PY) -m pytest tests/fuzz -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
