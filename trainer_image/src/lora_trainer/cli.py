@@ -123,4 +123,15 @@ def describe_gain(summary: dict[str, Any], output: Path) -> str:
 
 
 def entrypoint() -> None:
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank of a multi-process run has written everything (adapter, summary, trace,
+        # termination message) and left the process group. Interpreter finalization would
+        # now tear down gloo/NCCL objects that DeepSpeed still references, which can abort
+        # the process (SIGABRT, "terminate called without an active exception") after a
+        # successful run: flush and leave without it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
