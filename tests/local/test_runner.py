@@ -324,12 +324,13 @@ async def test_counted_pods_survive_a_failed_status_write(cluster: Cluster) -> N
     """As the real Job controller: a finished pod is listed in uncountedTerminatedPods, its
     finalizer goes, then the count and Complete are written. That last write answers 500:
     the next sync still counts the pod (from the list), once."""
-    seen: list[LoggedRequest] = []
+    released = [False]
 
-    def after_release(entry: LoggedRequest) -> bool:
-        released = bool(seen) and (seen[-1].verb, seen[-1].resource) == ("patch", "pods")
-        seen.append(entry)
-        return released and (entry.verb, entry.subresource) == ("patch", "status")
+    def after_release(entry: LoggedRequest) -> bool:  # other requests may come in between
+        what = (entry.verb, entry.resource, entry.subresource)
+        if what == ("patch", "pods", None):  # the finalizer's removal (not a pod status)
+            released[0] = True
+        return released[0] and what == ("patch", "jobs", "status")
 
     fault = cluster.api.inject(Fault(after_release, status=500))
     await cluster.client.create(JOBS, make_job("count", "print('done')"))
