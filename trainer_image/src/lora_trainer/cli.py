@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_trainer.launch_env import world_size
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
@@ -124,7 +126,7 @@ def describe_gain(summary: dict[str, Any], output: Path) -> str:
 
 def entrypoint() -> None:
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         # A rank of a multi-process run has written everything (adapter, summary, trace,
         # termination message) and left the process group. Interpreter finalization would
         # now tear down gloo/NCCL objects that DeepSpeed still references, which can abort

@@ -8,6 +8,7 @@ and `LORA_MASTER_PORT` (torchrun's static rendezvous there: pod index 0 holds gl
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -60,6 +61,12 @@ class LaunchPlan:
     python: str = field(default_factory=lambda: sys.executable)
     # deepspeed only: `--no_ssh` needs a hostfile listing every node (see hostfile_text).
     hostfile: str = ""
+
+
+def world_size() -> int:
+    """How many ranks the launcher (torchrun, deepspeed) started this process among (1 when
+    it runs alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _setting(flag_value: str | None, env: Mapping[str, str], var: str) -> str | None:

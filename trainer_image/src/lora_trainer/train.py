@@ -36,6 +36,7 @@ from lora_trainer.deepspeed_config import build_deepspeed_config
 from lora_trainer.evaluate import generation_metrics
 from lora_trainer.health_monitor import HealthMonitor, HealthStopCallback
 from lora_trainer.launch import mark_health_stop
+from lora_trainer.launch_env import world_size
 from lora_trainer.model import apply_lora, load_base_model, load_tokenizer
 from lora_trainer.speed import apply_performance
 from lora_trainer.telemetry import TelemetryCollector
@@ -203,14 +204,10 @@ def training_arguments(
         # packed rows carry a 4D mask, which "non_padding" would count as L x L tokens
         include_num_input_tokens_seen="all" if spec.dataset.packing else "non_padding",
         deepspeed=build_deepspeed_config(spec),
-        ddp_backend="gloo" if spec.distributed.device == "cpu" and _world_size() > 1 else None,
+        ddp_backend="gloo" if spec.distributed.device == "cpu" and world_size() > 1 else None,
         dataloader_num_workers=0,
         torch_compile=spec.performance.compile,
     )
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def spec_hash(spec: LoRAFineTuneSpec) -> str:
@@ -242,7 +239,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
     telemetry = TelemetryCollector(spec.monitoring.interval_steps)
     rank_metrics = RankMetrics()
     monitor = _health_monitor(spec, layout, writer, data, resume is not None)
-    health_stop = HealthStopCallback(monitor, spec.health.evaluation_interval_steps, _world_size())
+    health_stop = HealthStopCallback(monitor, spec.health.evaluation_interval_steps, world_size())
     trainer = LoRATrainer(
         model=model,
         args=args,
@@ -264,7 +261,7 @@ def run(spec: LoRAFineTuneSpec, output: Path) -> RunResult:
         spec.monitoring,
         telemetry,
         rank_metrics=rank_metrics,
-        run_info=run_info_labels(spec, spec_hash(spec), _world_size()),
+        run_info=run_info_labels(spec, spec_hash(spec), world_size()),
         data=data.stats.to_dict(),
         health=monitor,
     )
@@ -333,7 +330,7 @@ def _health_monitor(
     t = spec.training
     total = t.max_steps
     if total is None and t.epochs is not None:
-        per_step = t.micro_batch_size * t.gradient_accumulation_steps * _world_size()
+        per_step = t.micro_batch_size * t.gradient_accumulation_steps * world_size()
         total = math.ceil(math.ceil(len(data.train) / per_step) * t.epochs)
     monitor = HealthMonitor(spec, total, data.stats.to_dict())
     if resumed and layout.trace.exists():
